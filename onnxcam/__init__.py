@@ -1,0 +1,22 @@
+"""onnxcam: class activation maps for any ONNX image classifier.
+
+The package follows the data's way:
+
+    model.py       load and inspect: logits, spatial layers, layouts
+    autodiff/      reverse-mode autodiff emitting standard ONNX ops (engine + VJP rules)
+    surgery.py     rewrite: seed input, activation and gradient outputs, batch, cache
+    runtime.py     onnxruntime sessions, CUDA when really usable
+    methods.py     maps from activations and gradients (Grad-CAM and relatives)
+    images.py      images in; visualize.py maps out
+    explainer.py   the Python API; cli.py the command line; demo.py the bundled demo
+"""
+
+from .errors import ImageError, LayerError, ModelError, OnnxcamError, TargetError, UnsupportedOpError
+from .explainer import Explainer, Explanation
+from .images import Preprocess, load_image
+from .methods import METHODS
+from .model import Layer
+
+__version__ = "0.1.0"
+__all__ = ["Explainer", "Explanation", "Layer", "METHODS", "Preprocess", "load_image", "ImageError",
+           "LayerError", "ModelError", "OnnxcamError", "TargetError", "UnsupportedOpError"]

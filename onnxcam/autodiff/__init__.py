@@ -1,0 +1,8 @@
+"""Reverse-mode autodiff that emits standard ONNX ops: an engine and a table of VJP rules."""
+
+from .emitter import Emitter
+from .engine import GradientPlan, build_gradients, plan
+from .rules import NON_DIFFERENTIABLE, RULES, Rule, VJP, guided_relu, rule
+
+__all__ = ["Emitter", "GradientPlan", "build_gradients", "plan", "NON_DIFFERENTIABLE", "RULES",
+           "Rule", "VJP", "guided_relu", "rule"]

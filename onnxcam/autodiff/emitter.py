@@ -1,0 +1,147 @@
+"""A small vocabulary for writing ONNX subgraphs so that VJP rules read like their maths.
+
+``b.mul(g, b.mul(y, b.sub(1.0, y)))`` appends two Mul nodes and a Sub node to the graph and
+returns the last output tensor. Python numbers become constants of the model's float type,
+numpy arrays become constants of their own dtype, and every name is prefixed so that
+nothing added can collide with the model's own tensors.
+
+Everything emitted targets opset >= 13 (axes as inputs for ReduceSum/Squeeze/Unsqueeze,
+Split sizes as an input); surgery upgrades older models before the engine runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import count
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+Tensor = gs.Tensor
+Operand = "Tensor | float | int | np.ndarray"
+
+
+class Emitter:
+    """Appends nodes to ``graph``; each method returns the new node's output tensor(s)."""
+
+    def __init__(self, graph: gs.Graph, opset: int, float_dtype=np.float32, prefix: str = "onnxcam"):
+        self.graph = graph
+        self.opset = opset
+        self.float_dtype = np.dtype(float_dtype)
+        self.prefix = prefix
+        self._ids = count()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _name(self, hint: str) -> str:
+        return f"{self.prefix}/{hint}_{next(self._ids)}"
+
+    def const(self, value, dtype=None) -> gs.Constant:
+        """A constant tensor; floats default to the model's float type, ints to int64."""
+        array = np.asarray(value)
+        if dtype is not None:
+            array = array.astype(dtype)
+        elif array.dtype.kind == "f":
+            array = array.astype(self.float_dtype)
+        elif array.dtype.kind in "iub":
+            array = array.astype(np.int64) if array.dtype.kind != "b" else array
+        return gs.Constant(self._name("const"), np.ascontiguousarray(array))
+
+    def ints(self, values: Sequence[int]) -> gs.Constant:
+        return self.const(np.asarray(list(values), dtype=np.int64))
+
+    def _operand(self, value) -> Tensor:
+        if isinstance(value, Tensor):
+            return value
+        if isinstance(value, (bool, np.bool_)):
+            return self.const(np.asarray(value))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return self.const(np.asarray(float(value)))
+        return self.const(value)
+
+    def op(self, op_type: str, *inputs, outputs: int = 1, **attrs):
+        """Emit one node. ``None`` inputs become ONNX's empty optional input."""
+        ins = [gs.Variable.empty() if i is None else self._operand(i) for i in inputs]
+        outs = [gs.Variable(self._name(op_type.lower())) for _ in range(outputs)]
+        node = gs.Node(op_type, name=self._name(op_type), attrs=attrs, inputs=ins, outputs=outs)
+        self.graph.nodes.append(node)
+        return outs[0] if outputs == 1 else outs
+
+    # -- arithmetic ---------------------------------------------------------------------------
+    def add(self, a, b) -> Tensor: return self.op("Add", a, b)
+    def sub(self, a, b) -> Tensor: return self.op("Sub", a, b)
+    def mul(self, a, b) -> Tensor: return self.op("Mul", a, b)
+    def div(self, a, b) -> Tensor: return self.op("Div", a, b)
+    def neg(self, a) -> Tensor: return self.op("Neg", a)
+    def exp(self, a) -> Tensor: return self.op("Exp", a)
+    def sqrt(self, a) -> Tensor: return self.op("Sqrt", a)
+    def pow(self, a, b) -> Tensor: return self.op("Pow", a, b)
+    def abs(self, a) -> Tensor: return self.op("Abs", a)
+    def sign(self, a) -> Tensor: return self.op("Sign", a)
+
+    # -- comparisons and selection ------------------------------------------------------------
+    def greater(self, a, b) -> Tensor: return self.op("Greater", a, b)
+    def less(self, a, b) -> Tensor: return self.op("Less", a, b)
+    def equal(self, a, b) -> Tensor: return self.op("Equal", a, b)
+    def and_(self, a, b) -> Tensor: return self.op("And", a, b)
+    def where(self, cond, a, b) -> Tensor: return self.op("Where", cond, a, b)
+
+    def cast(self, a, to: int) -> Tensor: return self.op("Cast", a, to=to)
+
+    def as_float(self, mask) -> Tensor:
+        """A boolean mask as 0/1 of the model's float type."""
+        from onnx import helper
+        return self.cast(mask, helper.np_dtype_to_tensor_dtype(self.float_dtype))
+
+    # -- shapes -------------------------------------------------------------------------------
+    def shape(self, a, start: int | None = None, end: int | None = None) -> Tensor:
+        attrs = {}
+        if start is not None:
+            attrs["start"] = start
+        if end is not None:
+            attrs["end"] = end
+        return self.op("Shape", a, **attrs)
+
+    def reshape(self, a, shape) -> Tensor:
+        return self.op("Reshape", a, shape if isinstance(shape, Tensor) else self.ints(shape))
+
+    def reshape_like(self, a, like: Tensor) -> Tensor:
+        """``a`` reshaped to ``like``'s shape (static when known, so ORT can fold it)."""
+        dims = like.shape
+        if dims is not None and all(isinstance(d, int) and d >= 0 for d in dims):
+            return self.reshape(a, list(dims))
+        return self.reshape(a, self.shape(like))
+
+    def expand(self, a, shape: Tensor) -> Tensor: return self.op("Expand", a, shape)
+    def transpose(self, a, perm: Sequence[int]) -> Tensor: return self.op("Transpose", a, perm=list(perm))
+    def unsqueeze(self, a, axes: Sequence[int]) -> Tensor: return self.op("Unsqueeze", a, self.ints(axes))
+    def squeeze(self, a, axes: Sequence[int]) -> Tensor: return self.op("Squeeze", a, self.ints(axes))
+
+    def concat(self, parts: Sequence, axis: int) -> Tensor:
+        return self.op("Concat", *parts, axis=axis)
+
+    def split(self, a, sizes: Sequence[int], axis: int) -> list[Tensor]:
+        outs = self.op("Split", a, self.ints(sizes), axis=axis, outputs=len(sizes))
+        return outs if isinstance(outs, list) else [outs]
+
+    def slice(self, a, starts, ends, axes, steps=None) -> Tensor:
+        args = [a, self.ints(starts), self.ints(ends), self.ints(axes)]
+        if steps is not None:
+            args.append(self.ints(steps))
+        return self.op("Slice", *args)
+
+    def pad(self, a, pads: Sequence[int]) -> Tensor:
+        return self.op("Pad", a, self.ints(pads))
+
+    def zeros_like(self, a) -> Tensor:
+        return self.mul(a, 0.0)
+
+    # -- reductions ---------------------------------------------------------------------------
+    def reduce_sum(self, a, axes: Sequence[int] | Tensor, keepdims: bool = True) -> Tensor:
+        axes_t = axes if isinstance(axes, Tensor) else self.ints(axes)
+        return self.op("ReduceSum", a, axes_t, keepdims=int(keepdims))
+
+    # -- linear algebra -----------------------------------------------------------------------
+    def matmul(self, a, b) -> Tensor: return self.op("MatMul", a, b)
+
+    def gemm(self, a, b, trans_a: int = 0, trans_b: int = 0, alpha: float = 1.0) -> Tensor:
+        return self.op("Gemm", a, b, transA=trans_a, transB=trans_b, alpha=float(alpha))

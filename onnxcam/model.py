@@ -1,0 +1,322 @@
+"""Stage 1 of the pipeline: load an exported classifier and find what can be explained.
+
+Two questions are answered here, from the graph alone:
+
+* Which tensor holds the logits?  The pre-softmax scores: if an output is produced by
+  Softmax/LogSoftmax, its input is explained instead (the gradient of a softmax output mixes
+  all classes, which is not what Grad-CAM is defined on).
+* Which tensors are spatial activations, and in which layout?  torch exports are NCHW
+  throughout; tf2onnx exports of Keras models take NHWC input and wrap convolutions in
+  Transposes. The layout of every 4-D tensor is propagated forward from ops whose layout is
+  fixed by the ONNX spec (Conv and pools are NCHW) through Transposes and layout-preserving
+  ops, so nothing is guessed from shapes except the graph input.
+
+The default layer is the last spatial activation (H*W > 1) on the way to the logits, i.e. the
+tensor right before the spatial dimensions are pooled or flattened away.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import LayerError, ModelError
+
+#: Ops whose output is NCHW by the ONNX spec whatever feeds them.
+_NCHW_OPS = frozenset({
+    "Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+    "GlobalMaxPool", "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "LRN",
+    "DepthToSpace", "SpaceToDepth", "MaxUnpool", "QLinearConv",
+})
+
+#: Ops whose output has the layout of their (first 4-D) data input.
+_LAYOUT_PRESERVING_OPS = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Clip", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "Softplus", "Softsign", "Gelu", "Erf", "Exp", "Log", "Sqrt", "Pow",
+    "Reciprocal", "Neg", "Abs", "Add", "Sub", "Mul", "Div", "Sum", "Mean", "Max", "Min",
+    "Where", "Identity", "Dropout", "Cast", "Pad", "Concat", "Slice", "Resize", "Upsample",
+    "Mish", "Swish", "Floor", "Ceil", "Round", "Sign", "Not", "Equal", "Less", "Greater",
+})
+
+_SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
+
+_FLOAT_TYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+})
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A spatial activation that can be explained.
+
+    ``shape`` is (C, H, W) whatever the tensor's own layout; ``layout`` says how the tensor is
+    stored ("NCHW" or "NHWC").
+    """
+
+    name: str
+    op: str
+    node: str
+    shape: tuple[int, int, int]
+    layout: str
+    default: bool = False
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX model (external data files beside it are resolved), with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder, expected an .onnx file")
+    try:
+        model = onnx.load(str(path))
+    except DecodeError:
+        raise ModelError(f"{path}: not an ONNX model (the file does not parse as ONNX protobuf)") from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: cannot be loaded as ONNX ({first_line(exc)})") from None
+    if not model.graph.node:
+        raise ModelError(f"{path}: not an ONNX model or an empty graph (no nodes)")
+    return model
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, for one-line errors."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with inferred value_info (data propagation on, so Reshape targets resolve)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - a model ORT can run may still trip the strict checker
+        try:
+            return onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001
+            return model
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model was exported with."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def static_dims(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
+    """Dims of a tensor: int when static, the symbol (str) when named, None when unknown."""
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+class ModelGraph:
+    """Read-only index over a model's graph: producers, consumers, types, shapes, layouts."""
+
+    def __init__(self, model: onnx.ModelProto, source: str = "<model>"):
+        self.source = source
+        self.model = with_shapes(model)
+        graph = self.model.graph
+        self.opset = opset_of(self.model)
+        self.initializers = {t.name for t in graph.initializer}
+        self.inputs = [i for i in graph.input if i.name not in self.initializers]
+        self.outputs = list(graph.output)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+        self.value_info: dict[str, onnx.ValueInfoProto] = {}
+        for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+            self.value_info[vi.name] = vi
+        if not self.inputs:
+            raise ModelError(f"{source}: the graph has no data input")
+        self.layouts = self._propagate_layouts()
+
+    # -- basic facts ---------------------------------------------------------------------------
+    def dims(self, name: str) -> tuple[int | str | None, ...] | None:
+        vi = self.value_info.get(name)
+        return static_dims(vi) if vi is not None else None
+
+    def elem_type(self, name: str) -> int | None:
+        vi = self.value_info.get(name)
+        return vi.type.tensor_type.elem_type if vi is not None else None
+
+    @property
+    def input(self) -> onnx.ValueInfoProto:
+        return self.inputs[0]
+
+    def input_layout(self) -> str:
+        """NCHW or NHWC for the image input: from its shape, else from a leading Transpose."""
+        dims = self.dims(self.input.name) or ()
+        if len(dims) != 4:
+            raise ModelError(
+                f"{self.source}: input '{self.input.name}' has shape {list(dims)}; "
+                "onnxcam explains image classifiers with a 4-D input (N,C,H,W or N,H,W,C)")
+        for consumer in self.consumers.get(self.input.name, []):
+            if consumer.op_type == "Transpose":
+                perm = list(_attr(consumer, "perm", []))
+                if perm == [0, 3, 1, 2]:
+                    return "NHWC"
+                if perm == [0, 2, 3, 1]:
+                    return "NCHW"
+        if dims[1] in (1, 3, 4) and dims[3] not in (1, 3, 4):
+            return "NCHW"
+        if dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4):
+            return "NHWC"
+        return "NCHW"
+
+    # -- layouts ------------------------------------------------------------------------------
+    def _propagate_layouts(self) -> dict[str, str]:
+        """Axis letters ("NCHW", "NHWC", ...) of every 4-D tensor whose layout is known."""
+        layouts: dict[str, str] = {}
+        try:
+            layouts[self.input.name] = self.input_layout()
+        except ModelError:
+            pass
+        for node in self.model.graph.node:  # ONNX requires topological order
+            layout = None
+            if node.op_type in _NCHW_OPS:
+                layout = "NCHW"
+            elif node.op_type == "Transpose" and node.input[0] in layouts:
+                perm = list(_attr(node, "perm", []))
+                source = layouts[node.input[0]]
+                if len(perm) == len(source):
+                    layout = "".join(source[p] for p in perm)
+            elif node.op_type in _LAYOUT_PRESERVING_OPS:
+                for name in node.input:
+                    if name in layouts:
+                        layout = layouts[name]
+                        break
+            if layout is None:
+                continue
+            for name in node.output[:1]:
+                dims = self.dims(name)
+                if dims is not None and len(dims) == 4:
+                    layouts[name] = layout
+        return layouts
+
+    # -- what to explain ----------------------------------------------------------------------
+    def logits(self, output: str | None = None) -> str:
+        """The tensor to differentiate: the chosen (or first) output, looking through Softmax."""
+        names = [o.name for o in self.outputs]
+        if output is not None:
+            if output not in names and output not in self.producer:
+                raise ModelError(
+                    f"{self.source}: no output or tensor named '{output}'; outputs are {names}")
+            chosen = output
+        else:
+            resolved = [self._through_softmax(n) for n in names]
+            plain = [r for r, n in zip(resolved, names) if r == n]
+            chosen = (plain or resolved)[0]
+        return self._through_softmax(chosen)
+
+    def _through_softmax(self, name: str) -> str:
+        node = self.producer.get(name)
+        return node.input[0] if node is not None and node.op_type in _SOFTMAX_OPS else name
+
+    def ancestors(self, name: str) -> set[str]:
+        """All tensors ``name`` depends on (itself included)."""
+        seen = {name}
+        stack = [name]
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is None:
+                continue
+            for inp in node.input:
+                if inp and inp not in seen:
+                    seen.add(inp)
+                    stack.append(inp)
+        return seen
+
+    def layers(self, output: str | None = None) -> list[Layer]:
+        """Spatial activations feeding the logits, in graph order; the default one marked."""
+        logits = self.logits(output)
+        upstream = self.ancestors(logits)
+        candidates: list[Layer] = []
+        for node in self.model.graph.node:
+            for name in node.output:
+                if name not in upstream or name not in self.layouts:
+                    continue
+                if self.elem_type(name) not in _FLOAT_TYPES:
+                    continue
+                layout = self.layouts[name]
+                if sorted(layout) != sorted("NCHW"):
+                    continue
+                dims = dict(zip(layout, self.dims(name) or ()))
+                chw = (dims.get("C"), dims.get("H"), dims.get("W"))
+                if not all(isinstance(d, int) for d in chw) or chw[1] * chw[2] <= 1:
+                    continue
+                if layout not in ("NCHW", "NHWC"):
+                    continue
+                candidates.append(Layer(name, node.op_type, node.name, chw, layout))
+        if not candidates:
+            raise LayerError(
+                f"{self.source}: no spatial activation (a 4-D tensor with H*W > 1 and a known "
+                f"layout) feeds the output '{logits}'; onnxcam explains convolutional classifiers")
+        last = candidates[-1]
+        return [c if c is not last else Layer(**{**c.__dict__, "default": True}) for c in candidates]
+
+    def find_layer(self, name: str, output: str | None = None) -> Layer:
+        """The layer called ``name`` (a tensor name, or a node name whose output is meant)."""
+        layers = self.layers(output)
+        for layer in layers:
+            if name in (layer.name, layer.node):
+                return layer
+        if name in self.producer or name in self.value_info:
+            dims = self.dims(name)
+            raise LayerError(
+                f"{self.source}: tensor '{name}' (shape {list(dims) if dims else 'unknown'}) is "
+                "not a spatial activation feeding the logits; run `onnxcam layers` for the "
+                "candidates")
+        near = ", ".join(l.name for l in layers[-3:])
+        raise LayerError(
+            f"{self.source}: no tensor or node named '{name}'; candidates include {near} "
+            "(see `onnxcam layers`)")
+
+    def static_input_hw(self) -> tuple[int, int] | None:
+        """The input's (H, W) when fixed by the model, else None."""
+        dims = self.dims(self.input.name) or ()
+        if len(dims) != 4:
+            return None
+        layout = self.input_layout()
+        h, w = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
+        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+    def static_batch(self) -> int | None:
+        """The input's batch size when the export fixed it, else None (dynamic)."""
+        dims = self.dims(self.input.name) or (None,)
+        return dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def to_numpy(tensor: onnx.TensorProto) -> np.ndarray:
+    return onnx.numpy_helper.to_array(tensor)
