@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from .errors import OnnxcamError, TargetError
+from .errors import OnnxcamError, TargetError, UnsupportedOpError
 from .explainer import Explainer
 from .images import load_image, load_labels
 from .methods import METHODS
@@ -115,23 +115,32 @@ def explain(
                                           std=_floats(std, "--std"), scale=scale)
         pictures = [load_image(path) for path in images]  # every image decodes before any output
         stems = _unique_stems(images)
-        records, files = [], {}
-        for path, stem, picture in zip(images, stems, pictures):
+        records: list[dict] = []
+        files: dict[str, bytes] = {}
+        batch = 16  # images per session run: amortizes the session call, bounds memory
+        for start in range(0, len(pictures), batch):
+            chunk = pictures[start:start + batch]
             started = time.perf_counter()
-            result = explainer.explain(preprocess([picture]), method=method, targets=target_index)
-            heatmap = resize_map(result.heatmaps[0], picture.shape[:2])
-            index = int(result.targets[0])
-            files[f"{stem}.{method}.png"] = encode_png(overlay(picture, heatmap))
-            if npy:
-                files[f"{stem}.{method}.npy"] = _npy_bytes(heatmap)
-            records.append({
-                "file": str(path), "target": index,
-                "label": labels[index] if labels and index < len(labels) else None,
-                "probability": float(result.probabilities[0, index]),
-                "layer": result.layer, "method": method, "provider": result.provider,
-                "seconds": round(time.perf_counter() - started, 4),
-            })
+            result = explainer.explain(preprocess(chunk), method=method, targets=target_index)
+            seconds = (time.perf_counter() - started) / len(chunk)
+            for offset, picture in enumerate(chunk):
+                path, stem = images[start + offset], stems[start + offset]
+                heatmap = resize_map(result.heatmaps[offset], picture.shape[:2])
+                index = int(result.targets[offset])
+                files[f"{stem}.{method}.png"] = encode_png(overlay(picture, heatmap))
+                if npy:
+                    files[f"{stem}.{method}.npy"] = _npy_bytes(heatmap)
+                records.append({
+                    "file": str(path), "target": index,
+                    "label": labels[index] if labels and index < len(labels) else None,
+                    "probability": float(result.probabilities[offset, index]),
+                    "layer": result.layer, "method": method, "provider": result.provider,
+                    "seconds": round(seconds, 4),
+                })
         files["results.json"] = json.dumps(records, indent=1).encode()
+    except UnsupportedOpError as exc:
+        fail(f"{exc}; {_suggestion(model, output)}")
+        return
     except OnnxcamError as exc:
         fail(str(exc))
         return
@@ -143,6 +152,22 @@ def explain(
         typer.echo(f"{record['file']}: class {record['target']}{label} p={record['probability']:.3f} "
                    f"[{record['provider']}, {record['seconds'] * 1000:.0f} ms]")
     typer.echo(f"wrote {len(files)} files to {outdir}")
+
+
+def _suggestion(model: Path, output: Optional[str]) -> str:
+    """Which layers have a fully supported gradient path, for the unsupported-op error."""
+    import onnx_graphsurgeon as gs
+
+    from .autodiff import plan
+    from .model import ModelGraph, load_model
+
+    graph = ModelGraph(load_model(model), str(model))
+    tensors = gs.import_onnx(graph.model).tensors()
+    logits = tensors[graph.logits(output)]
+    working = [l.name for l in graph.layers(output) if not plan([tensors[l.name]], logits).missing]
+    if not working:
+        return "no spatial layer of this model avoids those ops: please report the op"
+    return f"a layer after them works, e.g. -l {working[-1]}"
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
