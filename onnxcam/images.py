@@ -138,11 +138,16 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def load_labels(path: str | os.PathLike) -> list[str]:
-    """One label per line (a JSON list is accepted too)."""
+    """One label per line, line i naming class i (a JSON list is accepted too).
+
+    Blank lines inside the file are kept as empty labels so indices never shift."""
     path = Path(path)
     if not path.is_file():
         raise OnnxcamError(f"{path}: no such labels file")
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         return [str(label) for label in json.loads(text)]
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    labels = [line.strip() for line in text.splitlines()]
+    while labels and not labels[-1]:
+        labels.pop()
+    return labels

@@ -104,7 +104,10 @@ def rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<mod
         wrt = [tensors[w.name] for w in wrt]
 
     static = _build(graph, tensors, wrt, request, rules, opset_of(model), source)
-    if request.dynamic_batch and not _is_dynamic(static.model, input_name):
+    if _is_dynamic(static.model, input_name):
+        static.batch_dynamic = True  # exported with a dynamic batch: nothing to verify
+        _store_metadata(static)
+    elif request.dynamic_batch:
         dynamic = _try_dynamic_batch(static)
         if dynamic is not None:
             return dynamic
