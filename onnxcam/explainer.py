@@ -1,31 +1,60 @@
 """The Python API: ``Explainer(model).explain(x)`` ties the pipeline stages together.
 
-model (inspect) -> surgery (rewrite, cached) -> runtime (one session) -> methods (maps).
+model (inspect) -> surgery (rewrite, cached) -> runtime (sessions) -> methods (maps).
+
+Which models run, by method kind (:data:`onnxcam.methods.KINDS`):
+
+* gradient methods, one target per image: the rewritten model, forward + backward, once;
+* several targets per image (``targets=[[3, 7, 9]]``, ``topk=3``): the forward model once, then
+  the *head* (the layers after the explained activation, :mod:`onnxcam.surgery`) fed the
+  activation once per target, so the backbone runs once whatever the number of targets;
+* eigencam, cam: the forward model only (CAM reads its weights from the graph, :mod:`onnxcam.head`);
+* scorecam: the forward model on masked inputs; ablationcam: the head on ablated activations
+  (:mod:`onnxcam.perturbation`); every class's logits come from each run, so several targets
+  cost nothing extra;
+* pixel-space methods: the rewritten model with the input gradient (:mod:`onnxcam.pixel`).
+
+A target is a *seed vector* ``s`` over the logits: the explained score is ``s . logits`` (a
+one-hot ``s`` for a class).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
-from .errors import OnnxcamError, TargetError
+from . import perturbation, pixel
+from .errors import LayerError, OnnxcamError, TargetError, UnsupportedOpError
+from .head import linear_head
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
-from .methods import METHODS, combine_layers
+from .methods import METHODS, Method, combine_layers, scale_maps
 from .model import Layer, ModelGraph, load_model
 from .runtime import Session
-from .surgery import SEED, RewriteRequest, Rewritten, cached_rewrite, rewrite
+from .surgery import SEED, RewriteRequest, Rewritten, cached_rewrite, head_frontier, rewrite
 
-Targets = int | Sequence[int] | np.ndarray | None
+Targets = int | Sequence[int] | Sequence[Sequence[int]] | np.ndarray | None
+
+#: pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x [0.9, 1, 1.1].
+AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple(
+    (flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
 
 
 @dataclass
 class Explanation:
-    """Maps for a batch: ``heatmaps`` (N, H, W) float32 in [0, 1] at the model's input size."""
+    """Maps for a batch at the model's input size, float32 in [0, 1].
+
+    With one target per image (the default, an int, or one per image) ``heatmaps`` is
+    (N, H, W) and ``targets`` (N,); with several (``targets`` of shape (N, T) or ``topk=T``,
+    or seed vectors (N, T, C)) they are (N, T, H, W) and (N, T). A target given as a seed
+    vector reports class -1; ``seeds`` (N, T, C) holds what was explained in every case.
+    ``weights`` holds the channel weights of channel-weighting methods per layer, shaped
+    like ``targets`` plus the channel axis.
+    """
 
     heatmaps: np.ndarray
     logits: np.ndarray
@@ -36,10 +65,21 @@ class Explanation:
     seconds: float
     activations: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     gradients: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    seeds: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def layer(self) -> str:
         return self.layers[0] if len(self.layers) == 1 else ",".join(self.layers)
+
+    @property
+    def multi_target(self) -> bool:
+        return self.targets.ndim == 2
+
+    @property
+    def per_target(self) -> np.ndarray:
+        """``heatmaps`` as (N, T, H, W) whatever the number of targets."""
+        return self.heatmaps if self.multi_target else self.heatmaps[:, None]
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -48,12 +88,87 @@ class Explanation:
         return exp / exp.sum(axis=1, keepdims=True)
 
 
+@dataclass
+class ChannelImportance:
+    """The Grad-CAM paper's textual-explanation ingredients (Selvaraju et al. 2017, "Textual explanations"):
+    the ``k`` channels of ``layer`` with the largest and the smallest weights, per image (and
+    target), each with its activation map ``relu(A_k)`` min-max scaled and resized to the
+    input, (N, [T,] k, H, W)."""
+
+    layer: str
+    method: str
+    targets: np.ndarray
+    most: np.ndarray
+    most_weights: np.ndarray
+    most_maps: np.ndarray
+    least: np.ndarray
+    least_weights: np.ndarray
+    least_maps: np.ndarray
+
+
+@dataclass(frozen=True)
+class Options:
+    """Method options (each method reads those that concern it).
+
+    ``eigen_smooth``: first principal component instead of the channel sum (activation-space
+    methods). ``batch_size``: images per onnxruntime run (default: the explainer's).
+    ``max_channels``: Score-CAM scores only that many highest-variance channels.
+    ``samples``, ``noise``: SmoothGrad's n and sigma (fraction of the image's value range).
+    ``steps``, ``baseline``: Integrated Gradients. ``seed``: SmoothGrad's noise.
+    """
+
+    eigen_smooth: bool = False
+    batch_size: int | None = None
+    max_channels: int | None = None
+    samples: int = 25
+    noise: float = 0.15
+    steps: int = 50
+    baseline: float | np.ndarray = 0.0
+    seed: int = 0
+
+
+@dataclass
+class _Targets:
+    """Targets as seed vectors (N, T, C) and classes (N, T) (-1 for a seed vector);
+    ``seeds`` None until the logits pick the top ``topk`` (1 for the default)."""
+
+    seeds: np.ndarray | None
+    classes: np.ndarray | None
+    multi: bool
+    topk: int = 1
+
+    def resolve(self, logits: np.ndarray) -> _Targets:
+        if self.seeds is not None:
+            return self
+        classes = np.argsort(-logits, axis=1, kind="stable")[:, :self.topk]
+        return _Targets(_one_hot(classes, logits.shape[1]), classes, self.multi, self.topk)
+
+
+def _one_hot(classes: np.ndarray, count: int) -> np.ndarray:
+    seeds = np.zeros(classes.shape + (count,), np.float32)
+    np.put_along_axis(seeds, classes[..., None], 1.0, axis=-1)
+    return seeds
+
+
+class _Lazy:
+    """A value computed on first use (the forward run, shared by a method's steps)."""
+
+    def __init__(self, compute: Callable[[], dict[str, np.ndarray]]):
+        self.compute, self.value = compute, None
+
+    def __call__(self) -> dict[str, np.ndarray]:
+        if self.value is None:
+            self.value = self.compute()
+        return self.value
+
+
 class Explainer:
     """Explains an ONNX image classifier.
 
     ``model`` is a path or a ModelProto; ``layer`` a tensor (or node) name, several, or None for
     the default (the last spatial activation before the logits); ``provider`` "auto", "cpu"
-    or "cuda"; ``output`` which output to explain when there are several.
+    or "cuda"; ``output`` which output to explain when there are several; ``batch_size`` how
+    many inputs go through onnxruntime at once.
     """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | Sequence[str] | None = None,
@@ -77,7 +192,9 @@ class Explainer:
         self.provider_requested = provider
         self.cache = cache
         self.batch_size = max(1, int(batch_size))
-        self._prepared: dict[tuple, tuple[Rewritten, Session]] = {}
+        self._sessions: dict[RewriteRequest, tuple[Rewritten, Session]] = {}
+        self._frontiers: dict[str, tuple[str, ...] | LayerError] = {}
+        self._linear_heads: dict[str, np.ndarray] = {}
         self.metadata = {p.key: p.value for p in proto.metadata_props}
 
     def __repr__(self) -> str:
@@ -110,42 +227,156 @@ class Explainer:
         raw = self.metadata.get("onnxcam.labels")
         return list(json.loads(raw)) if raw else None
 
-    # -- running ------------------------------------------------------------------------------
-    def prepared(self, input_gradient: bool = False, relu: str = "plain") -> tuple[Rewritten, Session]:
-        """The rewritten model and its session for this configuration (built once)."""
-        key = (input_gradient, relu)
-        if key not in self._prepared:
-            request = RewriteRequest(tuple(l.name for l in self.targets_layers), self.logits_name,
-                                     input_gradient=input_gradient, relu=relu)
+    # -- models and sessions ------------------------------------------------------------------
+    def session(self, request: RewriteRequest) -> tuple[Rewritten, Session]:
+        """The rewritten model for ``request`` and its session (built once, cached on disk)."""
+        if request not in self._sessions:
             if self.cache:
                 rewritten, _ = cached_rewrite(self._proto, request, self.source)
             else:
                 rewritten = rewrite(self._proto, request, self.source)
-            self._prepared[key] = (rewritten, Session(rewritten.model, self.provider_requested))
-        return self._prepared[key]
+            self._sessions[request] = (rewritten, Session(rewritten.model, self.provider_requested))
+        return self._sessions[request]
+
+    def prepared(self, input_gradient: bool = False, relu: str = "plain") -> tuple[Rewritten, Session]:
+        """The model with gradients at the layers (and the input) and its session."""
+        return self.session(RewriteRequest(self._layer_names, self.logits_name,
+                                           input_gradient=input_gradient, relu=relu))
+
+    @property
+    def _layer_names(self) -> tuple[str, ...]:
+        return tuple(l.name for l in self.targets_layers)
+
+    def frontier(self, layer: str) -> tuple[str, ...]:
+        """The other inputs of the head cut at ``layer`` (raises LayerError when it cannot be cut)."""
+        if layer not in self._frontiers:
+            try:
+                self._frontiers[layer] = head_frontier(self.graph, layer, self.logits_name)
+            except LayerError as exc:
+                self._frontiers[layer] = exc
+        found = self._frontiers[layer]
+        if isinstance(found, LayerError):
+            raise found
+        return found
+
+    def linear_head(self, layer: str) -> np.ndarray:
+        """CAM's weights (classes, channels) read from the graph (:func:`onnxcam.head.linear_head`)."""
+        if layer not in self._linear_heads:
+            self._linear_heads[layer] = linear_head(self.graph, layer, self.logits_name).astype(np.float64)
+        return self._linear_heads[layer]
+
+    def _forward_model(self) -> tuple[Rewritten, Session]:
+        """Forward only: logits, the layers, and every cuttable layer's frontier."""
+        exposed = list(self._layer_names)
+        for name in self._layer_names:
+            try:
+                exposed += [f for f in self.frontier(name) if f not in exposed]
+            except LayerError:
+                pass
+        return self.session(RewriteRequest(tuple(exposed), self.logits_name, gradient=False))
+
+    def _head(self, layer: str, gradient: bool) -> tuple[Rewritten, Session]:
+        self.frontier(layer)  # a clear LayerError before any surgery when it cannot be cut
+        return self.session(RewriteRequest((layer,) if gradient else (), self.logits_name,
+                                           gradient=gradient, head=layer))
 
     @property
     def provider(self) -> str:
         """The provider the session really runs on ("cpu", "cuda")."""
         return self.prepared()[1].provider
 
+    # -- running ------------------------------------------------------------------------------
+    def run_model(self, rewritten: Rewritten, session: Session, feeds: dict[str, np.ndarray],
+                  wanted: Sequence[str], batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Run ``feeds`` (all batched alike) in chunks of ``batch_size`` (default: the
+        explainer's), or of the export's fixed batch; outputs concatenated."""
+        static = self.graph.static_batch() or 1
+        step = (batch_size or self.batch_size) if rewritten.batch_dynamic else static
+        total = len(next(iter(feeds.values())))
+        wanted = [n for n in dict.fromkeys(wanted) if n in session.output_names]
+        chunks = [session.run({k: v[start:start + step] for k, v in feeds.items()}, wanted)
+                  for start in range(0, total, step)]
+        return {name: np.concatenate([c[name] for c in chunks]) for name in wanted}
+
+    def run(self, x: np.ndarray, seeds: np.ndarray, input_gradient: bool = False,
+            relu: str = "plain") -> tuple[dict[str, np.ndarray], str]:
+        """Forward + backward for a batch; outputs by name, concatenated over chunks."""
+        rewritten, session = self.prepared(input_gradient, relu)
+        wanted = [rewritten.logits] + list(rewritten.layers) + list(rewritten.gradients.values())
+        return self.run_model(rewritten, session, {rewritten.input: x, SEED: seeds}, wanted), session.provider
+
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Logits, layer activations (own layout) and head frontiers, without any gradient."""
+        rewritten, session = self._forward_model()
+        return self.run_model(rewritten, session, {rewritten.input: x},
+                              [rewritten.logits, *rewritten.layers])
+
     def seeds(self, targets: Targets, batch: int) -> np.ndarray:
-        """One-hot seed rows for ``targets``; all-zero rows (top-1, chosen in-graph) for None."""
+        """One-hot seed rows for one target per image; all-zero rows (top-1, chosen in-graph)
+        for None."""
+        classes = self._classes()
+        if targets is None:
+            return np.zeros((batch, classes), np.float32)
+        resolved = self.resolve_targets(targets, batch)
+        if resolved.multi:
+            raise TargetError("several targets per image: use explain(), which returns one map per target")
+        return resolved.seeds[:, 0]
+
+    def _classes(self) -> int:
         classes = self.num_classes
         if classes is None:
             raise OnnxcamError(f"{self.source}: the logits' class dimension is not static")
-        seeds = np.zeros((batch, classes), np.float32)
+        return classes
+
+    def resolve_targets(self, targets: Targets, batch: int, topk: int | None = None) -> _Targets:
+        """Targets as seed vectors; see :meth:`explain` for the accepted forms."""
+        classes = self._classes()
+        if topk is not None:
+            if targets is not None:
+                raise TargetError("give either targets or topk, not both")
+            if not 1 <= int(topk) <= classes:
+                raise TargetError(f"topk must be between 1 and {classes}, got {topk}")
+            return _Targets(None, None, multi=True, topk=int(topk))
         if targets is None:
-            return seeds
-        values = np.broadcast_to(np.asarray(targets, dtype=np.int64).reshape(-1), (batch,)) \
-            if np.ndim(targets) == 0 else np.asarray(targets, dtype=np.int64).reshape(-1)
-        if len(values) != batch:
-            raise TargetError(f"{len(values)} targets for a batch of {batch} images")
-        bad = [int(v) for v in values if not 0 <= v < classes]
+            return _Targets(None, None, multi=False)
+        try:
+            values = np.asarray(targets)
+        except ValueError:
+            raise TargetError("targets must be a class, one class per image, or an (N, T) array of classes") from None
+        if values.dtype.kind == "f":
+            return self._seed_vectors(values, batch, classes)
+        if values.dtype.kind not in "iu" or values.ndim > 2:
+            raise TargetError(f"targets must be class indices or float seed vectors, got {values.dtype} "
+                              f"of shape {list(values.shape)}")
+        multi = values.ndim == 2
+        grid = values.reshape(-1, 1) if values.ndim < 2 else values
+        if values.ndim == 0:
+            grid = np.broadcast_to(grid, (batch, 1))
+        if multi and len(grid) == 1:
+            grid = np.broadcast_to(grid, (batch, grid.shape[1]))
+        if len(grid) != batch:
+            raise TargetError(f"{len(grid)} targets for a batch of {batch} images")
+        bad = [int(v) for v in grid.reshape(-1) if not 0 <= v < classes]
         if bad:
-            raise TargetError(f"target class {bad[0]} is out of range: the model has {classes} classes (0..{classes - 1})")
-        seeds[np.arange(batch), values] = 1.0
-        return seeds
+            raise TargetError(f"target class {bad[0]} is out of range: the model has {classes} classes "
+                              f"(0..{classes - 1})")
+        grid = np.ascontiguousarray(grid, dtype=np.int64)
+        return _Targets(_one_hot(grid, classes), grid, multi)
+
+    def _seed_vectors(self, values: np.ndarray, batch: int, classes: int) -> _Targets:
+        if values.shape[-1] != classes or values.ndim > 3:
+            raise TargetError(f"a seed vector has one weight per logit ({classes}), got shape {list(values.shape)}")
+        multi = values.ndim == 3
+        grid = values.reshape((1, 1, classes) if values.ndim == 1 else
+                              (values.shape[0], 1, classes) if values.ndim == 2 else values.shape)
+        if len(grid) == 1:
+            grid = np.broadcast_to(grid, (batch,) + grid.shape[1:])
+        if len(grid) != batch:
+            raise TargetError(f"{len(grid)} seed vectors for a batch of {batch} images")
+        if not np.all(np.isfinite(grid)) or not np.all(np.abs(grid).sum(axis=-1) > 0):
+            raise TargetError("a seed vector must be finite and not all zero")
+        seeds = np.ascontiguousarray(grid, dtype=np.float32)
+        return _Targets(seeds, np.full(seeds.shape[:2], -1, np.int64), multi)
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
@@ -160,42 +391,323 @@ class Explainer:
                                    f"{list(dims)} (axis {axis}: {got} != {want})")
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def run(self, x: np.ndarray, seeds: np.ndarray, input_gradient: bool = False,
-            relu: str = "plain") -> tuple[dict[str, np.ndarray], str]:
-        """Forward + backward for a batch; outputs by name, concatenated over chunks."""
-        rewritten, session = self.prepared(input_gradient, relu)
-        step = self.batch_size if rewritten.batch_dynamic else (self.graph.static_batch() or 1)
-        wanted = [rewritten.logits] + list(rewritten.layers) + list(rewritten.gradients.values())
-        wanted = [n for n in dict.fromkeys(wanted) if n in session.output_names]
-        chunks: list[dict[str, np.ndarray]] = []
-        for start in range(0, len(x), step):
-            feeds = {rewritten.input: x[start:start + step], SEED: seeds[start:start + step]}
-            chunks.append(session.run(feeds, wanted))
-        merged = {name: np.concatenate([c[name] for c in chunks]) for name in wanted}
-        return merged, session.provider
-
     def to_nchw(self, layer: Layer, array: np.ndarray) -> np.ndarray:
-        return array.transpose(0, 3, 1, 2) if layer.layout == "NHWC" else array
+        """A layer tensor (batch first, maybe more leading axes) in NCHW."""
+        if layer.layout != "NHWC":
+            return array
+        lead = array.ndim - 3
+        return np.moveaxis(array, -1, lead)
 
-    def explain(self, x: np.ndarray, method: str = "gradcam", targets: Targets = None) -> Explanation:
-        """Maps for a preprocessed batch ``x`` (the model's own layout); ``targets`` a class
-        index, one per image, or None for each image's top-1 class."""
-        if method not in METHODS:
-            raise OnnxcamError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-        started = time.perf_counter()
+    def from_nchw(self, layer: Layer, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(array, 1, -1) if layer.layout == "NHWC" else array)
+
+    def _input_hw(self, x: np.ndarray) -> tuple[int, int]:
+        return tuple(x.shape[2:4]) if self.input_layout == "NCHW" else tuple(x.shape[1:3])
+
+    # -- explaining ---------------------------------------------------------------------------
+    def explain(self, x: np.ndarray, method: str = "gradcam", targets: Targets = None, *,
+                topk: int | None = None, eigen_smooth: bool = False, aug_smooth: bool = False,
+                batch_size: int | None = None, max_channels: int | None = None, samples: int = 25,
+                noise: float = 0.15, steps: int = 50, baseline: float | np.ndarray = 0.0,
+                seed: int = 0) -> Explanation:
+        """Maps for a preprocessed batch ``x`` (the model's own layout).
+
+        ``targets``: None (each image's top-1 class), a class for every image, one class per
+        image (N,), several classes per image (N, T) (or (1, T) for all), or float seed vectors
+        over the logits (C,), (N, C) or (N, T, C) explaining ``s . logits``. ``topk=T``
+        explains each image's T best classes. Several targets are explained in one pass (see
+        the module docstring) and give ``heatmaps`` (N, T, H, W).
+
+        ``eigen_smooth`` (activation-space methods) and ``aug_smooth`` (any method: mean over
+        horizontal flip x brightness [0.9, 1, 1.1] of the preprocessed input, maps flipped
+        back, as pytorch-grad-cam; the targets are those of the unaugmented input) smooth the
+        maps. Per method: ``max_channels``, ``batch_size`` (scorecam, ablationcam),
+        ``samples``, ``noise``, ``seed`` (smoothgrad), ``steps``, ``baseline``
+        (integrated-gradients); see :class:`Options`.
+        """
+        spec = self.method(method)
         x = self.check_input(x)
-        outputs, provider = self.run(x, self.seeds(targets, len(x)))
-        rewritten, _ = self.prepared()
-        logits = outputs[rewritten.logits]
-        chosen = logits.argmax(axis=1) if targets is None else self.seeds(targets, len(x)).argmax(axis=1)
-        activations = {l.name: self.to_nchw(l, outputs[l.name]) for l in self.targets_layers}
-        gradients = {l.name: self.to_nchw(l, outputs[rewritten.gradients[l.name]])
-                     for l in self.targets_layers}
-        fn = METHODS[method].fn
-        per_layer = [fn(activations[l.name], gradients[l.name]) for l in self.targets_layers]
-        size = tuple(x.shape[2:4]) if self.input_layout == "NCHW" else tuple(x.shape[1:3])
-        heatmaps = combine_layers(per_layer, size)
-        return Explanation(heatmaps, logits, chosen.astype(np.int64),
-                           tuple(l.name for l in self.targets_layers), method, provider,
-                           time.perf_counter() - started, activations, gradients)
+        options = Options(eigen_smooth, batch_size, max_channels, samples, noise, steps, baseline, seed)
+        _check_options(spec, options)
+        wanted = self.resolve_targets(targets, len(x), topk)
+        if aug_smooth:
+            return self._augmented(x, spec, wanted, options)
+        return self._explain(x, spec, wanted, options)
 
+    @staticmethod
+    def method(name: str) -> Method:
+        if name not in METHODS:
+            raise OnnxcamError(f"unknown method '{name}': choose one of {', '.join(METHODS)}")
+        return METHODS[name]
+
+    def _explain(self, x: np.ndarray, spec: Method, wanted: _Targets, options: Options) -> Explanation:
+        started = time.perf_counter()
+        forward = _Lazy(lambda: self.forward(x))
+        in_graph_top1 = not wanted.multi and (
+            spec.kind == "gradient" or spec.name in ("saliency", "guided-backprop", "guided-gradcam"))
+        if wanted.seeds is None and not in_graph_top1:
+            wanted = wanted.resolve(forward()[self.logits_name])
+        step = {"gradient": self._gradient_parts, "activation": self._activation_parts,
+                "graph": self._graph_parts, "perturbation": self._perturbation_parts,
+                "pixel": self._pixel_parts}[spec.kind]
+        parts = step(x, spec, wanted, options, forward)
+        wanted = parts.targets
+        count = wanted.seeds.shape[1]
+        heatmaps = parts.maps.reshape((len(x), count) + parts.maps.shape[1:])
+        squeeze = (lambda a: a) if wanted.multi else (lambda a: a[:, 0])
+        return Explanation(
+            squeeze(heatmaps), parts.logits, squeeze(wanted.classes), self._layer_names, spec.name,
+            parts.provider, time.perf_counter() - started, parts.activations,
+            {k: squeeze(v) for k, v in parts.gradients.items()},
+            {k: squeeze(v) for k, v in parts.weights.items()}, wanted.seeds)
+
+    def _augmented(self, x: np.ndarray, spec: Method, wanted: _Targets, options: Options) -> Explanation:
+        """pytorch-grad-cam's aug_smooth: the mean of the maps of the 6 augmentations."""
+        started = time.perf_counter()
+        if wanted.seeds is None:
+            wanted = wanted.resolve(self.forward(x)[self.logits_name])
+        width_axis = 3 if self.input_layout == "NCHW" else 2
+        maps, plain = [], None
+        for flip, factor in AUGMENTATIONS:
+            augmented = np.flip(x, axis=width_axis) * np.float32(factor) if flip else x * np.float32(factor)
+            result = self._explain(np.ascontiguousarray(augmented), spec, wanted, options)
+            maps.append(np.flip(result.heatmaps, axis=-1) if flip else result.heatmaps)
+            if not flip and factor == 1.0:
+                plain = result
+        return replace(plain, heatmaps=np.mean(np.stack(maps), axis=0).astype(np.float32),
+                       seconds=time.perf_counter() - started)
+
+    # -- the kinds ----------------------------------------------------------------------------
+    def _layer_gradients(self, x: np.ndarray, wanted: _Targets, forward: _Lazy) -> _Parts:
+        """Logits, activations (N, K, h, w) and gradients (N, T, K, h, w) at the layers: one
+        target per image in one forward + backward run, several through the heads."""
+        if wanted.seeds is None or wanted.seeds.shape[1] == 1:
+            seeds = np.zeros((len(x), self._classes()), np.float32) if wanted.seeds is None else wanted.seeds[:, 0]
+            outputs, provider = self.run(x, seeds)
+            rewritten, _ = self.prepared()
+            logits = outputs[rewritten.logits]
+            wanted = wanted.resolve(logits)
+            activations = {l.name: self.to_nchw(l, outputs[l.name]) for l in self.targets_layers}
+            gradients = {l.name: self.to_nchw(l, outputs[rewritten.gradients[l.name]])[:, None]
+                         for l in self.targets_layers}
+            return _Parts(wanted, logits, provider, activations, gradients)
+        outputs = forward()
+        activations = {l.name: self.to_nchw(l, outputs[l.name]) for l in self.targets_layers}
+        gradients, provider = self._gradients_per_target(x, wanted.seeds, outputs)
+        return _Parts(wanted, outputs[self.logits_name], provider, activations, gradients)
+
+    def _gradients_per_target(self, x: np.ndarray, seeds: np.ndarray,
+                              outputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+        """d (s_t . logits) / d A for every target t: the head fed each activation T times;
+        layers whose head cannot be cut fall back to the full model on x repeated T times."""
+        count, targets = seeds.shape[:2]
+        flat = seeds.reshape(count * targets, -1)
+        gradients, provider, fallback = {}, "cpu", []
+        for layer in self.targets_layers:
+            try:
+                rewritten, session = self._head(layer.name, gradient=True)
+            except (LayerError, UnsupportedOpError):
+                fallback.append(layer)
+                continue
+            feeds = {name: np.repeat(outputs[name], targets, axis=0)
+                     for name in (layer.name, *rewritten.extra_inputs)}
+            feeds[SEED] = flat
+            grad = self.run_model(rewritten, session, feeds, [rewritten.gradients[layer.name]])
+            nchw = self.to_nchw(layer, grad[rewritten.gradients[layer.name]])
+            gradients[layer.name] = nchw.reshape((count, targets) + nchw.shape[1:])
+            provider = session.provider
+        if fallback:
+            full, provider = self.run(np.repeat(x, targets, axis=0), flat)
+            rewritten, _ = self.prepared()
+            for layer in fallback:
+                nchw = self.to_nchw(layer, full[rewritten.gradients[layer.name]])
+                gradients[layer.name] = nchw.reshape((count, targets) + nchw.shape[1:])
+        return gradients, provider
+
+    def _gradient_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+        parts = self._layer_gradients(x, wanted, forward)
+        if spec.weights is not None:
+            parts.weights = {name: spec.channel_weights(_flat(A, parts.targets), _merge(parts.gradients[name]))
+                             .reshape(parts.gradients[name].shape[:3])
+                             for name, A in parts.activations.items()}
+        parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
+        return parts
+
+    def _activation_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+        parts = self._forward_parts(wanted, forward)
+        parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
+        return parts
+
+    def _graph_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+        parts = self._forward_parts(wanted, forward)
+        parts.weights = {l.name: (wanted.seeds.astype(np.float64) @ self.linear_head(l.name)).astype(np.float32)
+                         for l in self.targets_layers}
+        parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
+        return parts
+
+    def _perturbation_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+        parts = self._forward_parts(wanted, forward)
+        batch = options.batch_size or (self.batch_size if spec.name == "scorecam" else 2 * self.batch_size)
+        if spec.name == "scorecam":
+            rewritten, session = self._forward_model()
+            parts.provider = session.provider
+
+            def score(inputs: np.ndarray) -> np.ndarray:
+                return self.run_model(rewritten, session, {rewritten.input: inputs}, [rewritten.logits],
+                                      batch)[rewritten.logits]
+
+            parts.weights = {name: perturbation.scorecam_weights(x, A, wanted.seeds, score, self.input_layout,
+                                                                 batch, options.max_channels)
+                             for name, A in parts.activations.items()}
+        else:
+            parts.weights = {l.name: perturbation.ablationcam_weights(
+                parts.activations[l.name], wanted.seeds, self._ablation_head(l, forward()), batch)
+                for l in self.targets_layers}
+        parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
+        return parts
+
+    def _ablation_head(self, layer: Layer, outputs: dict[str, np.ndarray]) -> perturbation.HeadFn:
+        """logits from (modified) activations of one image, through the head cut at ``layer``."""
+        try:
+            rewritten, session = self._head(layer.name, gradient=False)
+        except LayerError as exc:
+            raise OnnxcamError(f"ablationcam needs the layers after '{layer.name}' as a separate model "
+                               f"but {exc}; choose another layer (e.g. the default) or use scorecam") from None
+
+        def head(batch: np.ndarray, image: int) -> np.ndarray:
+            feeds = {layer.name: self.from_nchw(layer, batch)}
+            for name in rewritten.extra_inputs:
+                feeds[name] = np.repeat(outputs[name][image:image + 1], len(batch), axis=0)
+            return self.run_model(rewritten, session, feeds, [rewritten.logits], len(batch))[rewritten.logits]
+        return head
+
+    def _forward_parts(self, wanted: _Targets, forward: _Lazy) -> _Parts:
+        outputs = forward()
+        rewritten, session = self._forward_model()
+        activations = {l.name: self.to_nchw(l, outputs[l.name]) for l in self.targets_layers}
+        return _Parts(wanted.resolve(outputs[self.logits_name]), outputs[self.logits_name],
+                      session.provider, activations, {})
+
+    def _activation_maps(self, spec: Method, parts: _Parts, size: tuple[int, int],
+                         eigen_smooth: bool) -> np.ndarray:
+        """(N*T, H, W) maps: every layer's raw map per target, combined as pytorch-grad-cam."""
+        per_layer = []
+        targets = parts.targets.seeds.shape[1]
+        for name, A in parts.activations.items():
+            if spec.kind == "activation":  # class-agnostic: one map per image, repeated
+                per_layer.append(np.repeat(spec.raw_map(A), targets, axis=0))
+                continue
+            gradients = _merge(parts.gradients[name]) if name in parts.gradients else None
+            weights = _merge(parts.weights[name]) if name in parts.weights else None
+            per_layer.append(spec.raw_map(_flat(A, parts.targets), gradients, weights, eigen_smooth))
+        return combine_layers(per_layer, size)
+
+    def _pixel_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+        batch = options.batch_size or self.batch_size
+        relu = "guided" if spec.name in ("guided-backprop", "guided-gradcam") else "plain"
+        rewritten, session = self.prepared(input_gradient=True, relu=relu)
+        grad_name = rewritten.gradients[rewritten.input]
+
+        def gradient(points: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+            return self.run_model(rewritten, session, {rewritten.input: points, SEED: seeds}, [grad_name])[grad_name]
+
+        activations, gradients, weights = {}, {}, {}
+        if spec.name in ("smoothgrad", "integrated-gradients"):
+            logits = forward()[self.logits_name]
+            if spec.name == "smoothgrad":
+                attributions = pixel.smoothgrad(x, wanted.seeds, gradient, options.samples, options.noise,
+                                                batch, options.seed)
+            else:
+                attributions = pixel.integrated_gradients(x, wanted.seeds, gradient, options.steps,
+                                                          options.baseline, batch)
+            attributions = _merge(attributions)
+        else:
+            if wanted.seeds is None:  # each image's top-1, chosen in-graph in the same run
+                seeds = np.zeros((len(x), self._classes()), np.float32)
+                out = self.run_model(rewritten, session, {rewritten.input: x, SEED: seeds},
+                                     [rewritten.logits, grad_name])
+                logits, attributions = out[rewritten.logits], out[grad_name]
+                wanted = wanted.resolve(logits)
+            else:
+                targets = wanted.seeds.shape[1]
+                out = self.run_model(rewritten, session,
+                                     {rewritten.input: np.repeat(x, targets, axis=0),
+                                      SEED: _merge(wanted.seeds)}, [rewritten.logits, grad_name])
+                logits, attributions = out[rewritten.logits][::targets], out[grad_name]
+            if spec.name == "guided-gradcam":
+                cam = self._gradient_parts(x, METHODS["gradcam"], wanted, options, forward)
+                activations, gradients, weights = cam.activations, cam.gradients, cam.weights
+                attributions = pixel.guided_gradcam(attributions, cam.maps, self.input_layout)
+        maps = scale_maps(pixel.pixel_map(attributions, self.input_layout))
+        return _Parts(wanted, logits, session.provider, activations, gradients, weights, maps)
+
+    # -- channel importance -------------------------------------------------------------------
+    def channels(self, x: np.ndarray, method: str = "gradcam", targets: Targets = None, k: int = 5,
+                 layer: str | None = None, **options) -> ChannelImportance:
+        """The ``k`` most and least important channels of ``layer`` (default: the first
+        explained one) by the weights of a channel-weighting ``method`` (gradcam, gradcam++,
+        xgradcam, counterfactual, cam, scorecam, ablationcam), each with its activation map."""
+        spec = self.method(method)
+        if not spec.weights_channels:
+            raise OnnxcamError(f"'{method}' does not weight channels; channel importance needs one of "
+                               + ", ".join(m.name for m in METHODS.values() if m.weights_channels))
+        if options.get("aug_smooth"):
+            raise OnnxcamError("channel importance is read from one pass: aug_smooth does not apply")
+        result = self.explain(x, method, targets, **options)
+        name = layer or result.layers[0]
+        if name not in result.weights:
+            raise LayerError(f"layer '{name}' is not explained by this explainer ({', '.join(result.layers)})")
+        weights = result.weights[name]
+        k = max(1, min(int(k), weights.shape[-1]))
+        order = np.argsort(-weights, axis=-1, kind="stable")
+        most, least = order[..., :k], order[..., ::-1][..., :k]
+        size = result.heatmaps.shape[-2:]
+        return ChannelImportance(
+            name, method, result.targets,
+            most, np.take_along_axis(weights, most, -1), self._channel_maps(result.activations[name], most, size),
+            least, np.take_along_axis(weights, least, -1), self._channel_maps(result.activations[name], least, size))
+
+    @staticmethod
+    def _channel_maps(A: np.ndarray, indices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """``relu(A_k)`` scaled and resized for each chosen channel: (N, [T,] k, H, W)."""
+        picked = np.stack([A[n][indices[n]] for n in range(len(A))])
+        flat = picked.reshape((-1,) + A.shape[2:])
+        return scale_maps(flat, tuple(size)).reshape(picked.shape[:-2] + tuple(size))
+
+
+@dataclass
+class _Parts:
+    """What a method kind produced for one batch: resolved targets, logits, the provider,
+    layer tensors (NCHW), gradients (N, T, K, h, w), weights (N, T, K), maps (N*T, H, W)."""
+
+    targets: _Targets
+    logits: np.ndarray
+    provider: str
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
+    gradients: dict[str, np.ndarray] = field(default_factory=dict)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    maps: np.ndarray | None = None
+
+
+def _merge(array: np.ndarray) -> np.ndarray:
+    """(N, T, ...) -> (N*T, ...)."""
+    return array.reshape((-1,) + array.shape[2:])
+
+
+def _flat(A: np.ndarray, targets: _Targets) -> np.ndarray:
+    """Activations (N, ...) repeated once per target: (N*T, ...), matching :func:`_merge`."""
+    count = targets.seeds.shape[1]
+    return A if count == 1 else np.repeat(A, count, axis=0)
+
+
+def _check_options(spec: Method, options: Options) -> None:
+    if options.eigen_smooth and not spec.activation_space and spec.name != "guided-gradcam":
+        raise OnnxcamError(f"eigen_smooth applies to activation-space methods, not '{spec.name}'")
+    for name in ("batch_size", "max_channels"):
+        value = getattr(options, name)
+        if value is not None and int(value) < 1:
+            raise OnnxcamError(f"{name} must be at least 1, got {value}")
+    if options.samples < 1 or options.steps < 1:
+        raise OnnxcamError("samples and steps must be at least 1")
+    if not options.noise >= 0:
+        raise OnnxcamError(f"noise must be >= 0, got {options.noise}")

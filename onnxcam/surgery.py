@@ -9,6 +9,18 @@ The rewritten model has
 * outputs: the logits, each chosen activation ``A`` and ``onnxcam_grad/<A>`` = d score / d A,
   plus ``onnxcam_grad/<input>`` when the input gradient was asked for (pixel-space methods).
 
+Two variants serve the methods that need many evaluations:
+
+* forward-only (``gradient=False``): no seed input, only the logits and the exposed tensors;
+  Score-CAM scores its masked inputs with it;
+* a *head* (``head=A``): the model cut at the activation ``A``, which becomes the input.
+  The logits are a function of ``A`` and of the *frontier* (:func:`head_frontier`): the
+  non-constant tensors the layers after ``A`` read that ``A`` does not determine (a residual
+  branch that bypasses ``A``; empty when ``A`` separates the image from the logits). Feeding
+  ``A`` (modified, or repeated once per target) and the frontier to the head gives the logits
+  (and d score / d A) without re-running the backbone: Ablation-CAM and multi-target
+  explanations use it.
+
 Rewrites are cached by content hash (model bytes, request, and the source of the autodiff), so
 a second run on the same model skips surgery. Files are written atomically.
 """
@@ -30,8 +42,8 @@ from onnx import version_converter
 
 from .autodiff import RULES, Emitter, build_gradients, guided_relu, plan
 from .autodiff.engine import describe_missing
-from .autodiff.rules import Rule
-from .errors import ModelError, UnsupportedOpError
+from .autodiff.rules import VJP, Rule
+from .errors import LayerError, ModelError, UnsupportedOpError
 from .model import ModelGraph, first_line, opset_of, with_shapes
 
 SEED = "onnxcam_seed"
@@ -45,13 +57,20 @@ _IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10,
 
 @dataclass(frozen=True)
 class RewriteRequest:
-    """What to expose. ``layers`` are tensor names; ``relu`` is "plain" or "guided"."""
+    """What to expose. ``layers`` are tensor names; ``relu`` is "plain" or "guided".
+
+    ``gradient=False`` builds a forward-only model (no seed input) exposing ``layers``;
+    ``head=A`` cuts the model at tensor ``A`` (see the module docstring); ``layers`` is then
+    ``(A,)`` when the gradient is wanted.
+    """
 
     layers: tuple[str, ...]
     logits: str
     input_gradient: bool = False
     relu: str = "plain"
     dynamic_batch: bool = True
+    gradient: bool = True
+    head: str | None = None
 
 
 @dataclass
@@ -64,6 +83,12 @@ class Rewritten:
     layers: tuple[str, ...]
     gradients: dict[str, str] = field(default_factory=dict)
     batch_dynamic: bool = False
+    #: a head's other inputs (its frontier), fed from a forward run of the full model
+    extra_inputs: tuple[str, ...] = ()
+
+    @property
+    def has_seed(self) -> bool:
+        return any(i.name == SEED for i in self.model.graph.input)
 
     @staticmethod
     def from_model(model: onnx.ModelProto) -> Rewritten:
@@ -71,14 +96,40 @@ class Rewritten:
             if prop.key == METADATA_KEY:
                 info = json.loads(prop.value)
                 return Rewritten(model, info["input"], info["logits"], tuple(info["layers"]),
-                                 info["gradients"], info["batch_dynamic"])
+                                 info["gradients"], info["batch_dynamic"],
+                                 tuple(info.get("extra_inputs", ())))
         raise ModelError("not a model rewritten by onnxcam (no onnxcam.rewrite metadata)")
 
 
+def _guided_clip(ctx: VJP):
+    """Guided backprop through a Clip whose lower bound is >= 0 (ReLU6 is a rectifier too):
+    the Clip gradient, also zeroed where the incoming gradient is negative. Deliberately
+    unlike pytorch-grad-cam and captum, which only swap ``nn.ReLU`` modules, so that on
+    MobileNets (ReLU6 everywhere) guided backprop is not just the plain gradient."""
+    grads = list(RULES["Clip"](ctx))
+    low = _constant_value(ctx.x[1]) if len(ctx.x) > 1 and ctx.x[1].name else None
+    if low is None or low.size != 1 or float(low.reshape(-1)[0]) < 0:
+        return grads  # no lower bound, or a hard-tanh-like clip: not a rectifier, left plain
+    grads[0] = ctx.b.where(ctx.b.greater(ctx.g, 0.0), grads[0], 0.0)
+    return grads
+
+
+def _constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """An initializer's or a Constant node's value (torch exports ReLU6 bounds as Constant
+    nodes, tf2onnx as initializers), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op == "Constant":
+        value = producer.attrs.get("value")
+        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    return None
+
+
 def rules_for(relu: str) -> Mapping[str, Rule]:
-    """The VJP table; guided backprop swaps only the Relu rule."""
+    """The VJP table; guided backprop swaps the rectifiers' rules (Relu, and Clip from 0)."""
     if relu == "guided":
-        return {**RULES, "Relu": Rule(guided_relu)}
+        return {**RULES, "Relu": Rule(guided_relu), "Clip": Rule(_guided_clip)}
     return RULES
 
 
@@ -86,24 +137,26 @@ def rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<mod
     """Add the seed input and the gradient subgraph; see the module docstring."""
     if opset_of(model) < 13:
         model = _convert(model, 13, source)
-    graph = _import(model)
+    if not request.gradient:
+        graph, tensors, _ = _prepare(model, request, source)
+        static = _build_forward(graph, tensors, request, opset_of(model))
+        return _with_dynamic_batch(static, request)
     rules = rules_for(request.relu)
-    tensors = graph.tensors()
-    wrt = [tensors[name] for name in request.layers]
-    input_name = _data_input(graph).name
-    if request.input_gradient and input_name not in request.layers:
-        wrt.append(tensors[input_name])
+    graph, tensors, wrt = _prepare(model, request, source)
     gradient_plan = plan(wrt, tensors[request.logits], rules)
     if gradient_plan.missing:
         raise UnsupportedOpError(f"{source}: {describe_missing(gradient_plan.missing)}",
                                  [(n.op, n.name) for n in gradient_plan.missing])
     if gradient_plan.min_opset > opset_of(model):
         model = _convert(model, gradient_plan.min_opset, source)
-        graph = _import(model)
-        tensors = graph.tensors()
-        wrt = [tensors[w.name] for w in wrt]
+        graph, tensors, wrt = _prepare(model, request, source)
 
     static = _build(graph, tensors, wrt, request, rules, opset_of(model), source)
+    return _with_dynamic_batch(static, request)
+
+
+def _with_dynamic_batch(static: Rewritten, request: RewriteRequest) -> Rewritten:
+    input_name = static.input
     if _is_dynamic(static.model, input_name):
         static.batch_dynamic = True  # exported with a dynamic batch: nothing to verify
         _store_metadata(static)
@@ -112,6 +165,113 @@ def rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<mod
         if dynamic is not None:
             return dynamic
     return static
+
+
+def _prepare(model: onnx.ModelProto, request: RewriteRequest, source: str):
+    """The graph (cut at ``request.head`` when set), its tensors, and the tensors to
+    differentiate with respect to."""
+    graph = _import(model)
+    tensors = graph.tensors()
+    missing = [n for n in (*request.layers, request.logits, request.head) if n and n not in tensors]
+    if missing:
+        raise ModelError(f"{source}: no tensor named '{missing[0]}'")
+    if request.head is not None:
+        _cut(graph, tensors, request, source)
+    wrt = [tensors[name] for name in request.layers] if request.gradient else []
+    input_name = _data_input(graph).name
+    if request.gradient and request.input_gradient and input_name not in request.layers:
+        wrt.append(tensors[input_name])
+    return graph, tensors, wrt
+
+
+def head_frontier(model: onnx.ModelProto | ModelGraph, layer: str, logits: str,
+                  source: str = "<model>") -> tuple[str, ...]:
+    """The tensors besides ``layer`` that a head cut at ``layer`` needs as inputs.
+
+    Walking back from ``logits``: a tensor downstream of ``layer`` is computed in the head; a
+    constant one (depending on no graph input) is too; any other is on the frontier. Raises
+    :class:`LayerError` when ``logits`` does not depend on ``layer``, or when the frontier
+    holds a non-float tensor (shape arithmetic on the image, which a batched head cannot take).
+    """
+    graph = model if isinstance(model, ModelGraph) else ModelGraph(model, source)
+    variable = _downstream(graph, {i.name for i in graph.inputs})
+    below = _downstream(graph, {layer})
+    if logits not in below:
+        raise LayerError(f"{graph.source}: '{logits}' does not depend on layer '{layer}'")
+    frontier: list[str] = []
+    seen: set[str] = set()
+    stack = [logits]
+    while stack:
+        name = stack.pop()
+        if name in seen or name == layer or name not in variable:
+            continue
+        seen.add(name)
+        if name not in below:
+            frontier.append(name)
+            continue
+        stack.extend(i for i in graph.producer[name].input if i)
+    for name in frontier:
+        if graph.elem_type(name) not in _FLOATS:
+            reader = next((n for n in graph.consumers.get(name, [])
+                           if any(o in below for o in n.output)), None)
+            where = f" (read by {reader.op_type} '{reader.name}')" if reader is not None else ""
+            raise LayerError(f"{graph.source}: cannot cut the model at '{layer}': the layers after "
+                             f"it also read the non-float tensor '{name}'{where}")
+    return tuple(sorted(frontier))
+
+
+_FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
+
+
+def _downstream(graph: ModelGraph, names: set[str]) -> set[str]:
+    """Tensors computed from any of ``names`` (themselves included)."""
+    seen, stack = set(names), list(names)
+    while stack:
+        for node in graph.consumers.get(stack.pop(), []):
+            for out in node.output:
+                if out and out not in seen:
+                    seen.add(out)
+                    stack.append(out)
+    return seen
+
+
+def _cut(graph: gs.Graph, tensors, request: RewriteRequest, source: str) -> None:
+    """Make ``request.head`` (and its frontier) the graph's inputs; drop what feeds them."""
+    frontier = head_frontier(gs.export_onnx(graph, do_type_check=False), request.head,
+                             request.logits, source)
+    inputs = [tensors[request.head]] + [tensors[name] for name in frontier]
+    for tensor in inputs:
+        tensor.inputs.clear()
+        if tensor.dtype is None:
+            tensor.dtype = np.float32
+    graph.inputs = inputs
+    graph.outputs = [tensors[request.logits]]
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def _build_forward(graph: gs.Graph, tensors, request: RewriteRequest, opset: int) -> Rewritten:
+    """Forward only: the logits and the ``layers`` tensors as outputs, no seed input."""
+    input_name = _data_input(graph).name
+    logits = tensors[request.logits]
+    outputs = list(graph.outputs)
+    for tensor in [logits] + [tensors[name] for name in request.layers]:
+        if tensor not in outputs and tensor.name != input_name:
+            outputs.append(tensor)
+    for tensor in outputs:
+        if tensor.dtype is None:
+            tensor.dtype = np.float32
+    graph.outputs = outputs
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = _IR_FOR_OPSET.get(max(opset, 13), 10)
+    rewritten = Rewritten(model, input_name, logits.name, tuple(request.layers), {},
+                          batch_dynamic=False, extra_inputs=_extra_inputs(graph, input_name))
+    _store_metadata(rewritten)
+    return rewritten
+
+
+def _extra_inputs(graph: gs.Graph, input_name: str) -> tuple[str, ...]:
+    return tuple(t.name for t in graph.inputs if t.name not in (input_name, SEED))
 
 
 def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset: int,
@@ -149,7 +309,7 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
     opset = max(opset, 13)
     model.ir_version = _IR_FOR_OPSET.get(opset, 10)
     rewritten = Rewritten(model, input_name, logits.name, tuple(request.layers), gradient_names,
-                          batch_dynamic=False)
+                          batch_dynamic=False, extra_inputs=_extra_inputs(graph, input_name))
     _store_metadata(rewritten)
     return rewritten
 
@@ -167,7 +327,8 @@ def _default_to_top1(b: Emitter, seed: gs.Tensor, logits: gs.Tensor) -> gs.Tenso
 
 def _store_metadata(rewritten: Rewritten) -> None:
     info = {"input": rewritten.input, "logits": rewritten.logits, "layers": list(rewritten.layers),
-            "gradients": rewritten.gradients, "batch_dynamic": rewritten.batch_dynamic}
+            "gradients": rewritten.gradients, "batch_dynamic": rewritten.batch_dynamic,
+            "extra_inputs": list(rewritten.extra_inputs)}
     props = [p for p in rewritten.model.metadata_props if p.key != METADATA_KEY]
     del rewritten.model.metadata_props[:]
     rewritten.model.metadata_props.extend(props)
@@ -206,14 +367,18 @@ def _is_dynamic(model: onnx.ModelProto, input_name: str) -> bool:
 def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
     """A copy whose batch dimension is symbolic: for exports that pinned batch=1.
 
-    Reshape targets that spell the batch as a literal 1 become 0 ("copy the input's dim"),
-    which is right when the Reshape keeps the batch as its first axis; the caller verifies.
+    Every data input (``input_name``, the seed, a head's frontier) and output gets the
+    symbolic batch. Reshape targets that spell the batch as a literal 1 become 0 ("copy the
+    input's dim"), which is right when the Reshape keeps the batch as its first axis; the
+    caller verifies.
     """
     dynamic = onnx.ModelProto()
     dynamic.CopyFrom(model)
     graph = dynamic.graph
+    constants = {t.name for t in graph.initializer}
+    batched = {input_name, SEED} | {i.name for i in graph.input if i.name not in constants}
     for value in list(graph.input) + list(graph.output):
-        if value.name in {o.name for o in graph.output} or value.name in (input_name, SEED):
+        if value.name in {o.name for o in graph.output} or value.name in batched:
             dims = value.type.tensor_type.shape.dim
             if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
                 dims[0].dim_param = BATCH_SYMBOL
@@ -254,7 +419,7 @@ def _try_dynamic_batch(static: Rewritten) -> Rewritten | None:
         if value.shape != joined.shape or float(np.abs(value - joined).max()) > 1e-4 * scale:
             return None
     dynamic = Rewritten(dynamic_model, static.input, static.logits, static.layers,
-                        static.gradients, batch_dynamic=True)
+                        static.gradients, batch_dynamic=True, extra_inputs=static.extra_inputs)
     _store_metadata(dynamic)
     return dynamic
 
