@@ -6,7 +6,10 @@ numpy arrays become constants of their own dtype, and every name is prefixed so 
 nothing added can collide with the model's own tensors.
 
 Everything emitted targets opset >= 13 (axes as inputs for ReduceSum/Squeeze/Unsqueeze,
-Split sizes as an input); surgery upgrades older models before the engine runs.
+Split sizes as an input); surgery upgrades older models before the engine runs. Where an op's
+signature changed after 13 the emitter follows the model's opset: the other reductions take
+``axes`` as an attribute before opset 18 and as an input from 18; ``Shape`` has ``start``/
+``end`` only from 15; ScatterElements accumulates (``reduction``) only from 16.
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ from itertools import count
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 Tensor = gs.Tensor
 Operand = "Tensor | float | int | np.ndarray"
+
+#: First opset where each reduction takes ``axes`` as an input instead of an attribute.
+_AXES_AS_INPUT = {"ReduceSum": 13}
+_AXES_AS_INPUT_DEFAULT = 18
 
 
 class Emitter:
@@ -44,7 +52,8 @@ class Emitter:
             array = array.astype(self.float_dtype)
         elif array.dtype.kind in "iub":
             array = array.astype(np.int64) if array.dtype.kind != "b" else array
-        return gs.Constant(self._name("const"), np.ascontiguousarray(array))
+        # np.array, not np.ascontiguousarray: that turns 0-d scalars into shape [1].
+        return gs.Constant(self._name("const"), np.array(array, order="C"))
 
     def ints(self, values: Sequence[int]) -> gs.Constant:
         return self.const(np.asarray(list(values), dtype=np.int64))
@@ -88,18 +97,35 @@ class Emitter:
     def cast(self, a, to: int) -> Tensor: return self.op("Cast", a, to=to)
 
     def as_float(self, mask) -> Tensor:
-        """A boolean mask as 0/1 of the model's float type."""
-        from onnx import helper
+        """A boolean mask (or integers) as the model's float type."""
         return self.cast(mask, helper.np_dtype_to_tensor_dtype(self.float_dtype))
+
+    def as_int64(self, a) -> Tensor:
+        return self.cast(a, helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))
+
+    # -- elementwise functions ----------------------------------------------------------------
+    def log(self, a) -> Tensor: return self.op("Log", a)
+    def tanh(self, a) -> Tensor: return self.op("Tanh", a)
+    def sigmoid(self, a) -> Tensor: return self.op("Sigmoid", a)
+    def erf(self, a) -> Tensor: return self.op("Erf", a)
+    def square(self, a) -> Tensor: return self.mul(a, a)
 
     # -- shapes -------------------------------------------------------------------------------
     def shape(self, a, start: int | None = None, end: int | None = None) -> Tensor:
-        attrs = {}
-        if start is not None:
-            attrs["start"] = start
+        """Shape(a)[start:end]; a Slice of the Shape before opset 15 (no start/end there)."""
+        if start is None and end is None:
+            return self.op("Shape", a)
+        if self.opset < 15:
+            big = np.iinfo(np.int64).max
+            return self.slice(self.op("Shape", a), [start or 0], [big if end is None else end], [0])
+        attrs = {"start": start or 0}
         if end is not None:
             attrs["end"] = end
         return self.op("Shape", a, **attrs)
+
+    def size(self, a) -> Tensor:
+        """Number of elements, an int64 scalar."""
+        return self.op("Size", a)
 
     def reshape(self, a, shape) -> Tensor:
         return self.op("Reshape", a, shape if isinstance(shape, Tensor) else self.ints(shape))
@@ -129,19 +155,50 @@ class Emitter:
             args.append(self.ints(steps))
         return self.op("Slice", *args)
 
-    def pad(self, a, pads: Sequence[int]) -> Tensor:
-        return self.op("Pad", a, self.ints(pads))
+    def pad(self, a, pads: Sequence[int] | Tensor) -> Tensor:
+        """Zero padding; ``pads`` = [begin..., end...] (a constant list or an int64 tensor)."""
+        return self.op("Pad", a, pads if isinstance(pads, Tensor) else self.ints(pads))
 
     def zeros_like(self, a) -> Tensor:
         return self.mul(a, 0.0)
 
+    def zeros(self, shape: Tensor) -> Tensor:
+        """A float zero tensor of the (1-D int64) ``shape``."""
+        value = helper.make_tensor("value", helper.np_dtype_to_tensor_dtype(self.float_dtype), [1], [0.0])
+        return self.op("ConstantOfShape", shape, value=value)
+
+    def range(self, start, limit, delta) -> Tensor:
+        return self.op("Range", start, limit, delta)
+
+    def scatter_add(self, data, indices, updates, axis: int = 0) -> Tensor:
+        """ScatterElements with ``reduction="add"``: repeated indices accumulate (opset 16)."""
+        if self.opset < 16:
+            raise ValueError(f"ScatterElements reduction needs opset 16, the model has {self.opset}")
+        return self.op("ScatterElements", data, indices, updates, axis=axis, reduction="add")
+
     # -- reductions ---------------------------------------------------------------------------
-    def reduce_sum(self, a, axes: Sequence[int] | Tensor, keepdims: bool = True) -> Tensor:
-        axes_t = axes if isinstance(axes, Tensor) else self.ints(axes)
-        return self.op("ReduceSum", a, axes_t, keepdims=int(keepdims))
+    def reduce(self, op_type: str, a, axes: Sequence[int] | None, keepdims: bool = True) -> Tensor:
+        """``op_type`` (ReduceSum, ReduceMean, ...) over constant ``axes`` (None: all axes),
+        with ``axes`` as an attribute or an input as the model's opset requires."""
+        if axes is None:
+            return self.op(op_type, a, keepdims=int(keepdims))
+        if self.opset >= _AXES_AS_INPUT.get(op_type, _AXES_AS_INPUT_DEFAULT):
+            return self.op(op_type, a, self.ints(axes), keepdims=int(keepdims))
+        return self.op(op_type, a, axes=list(axes), keepdims=int(keepdims))
+
+    def reduce_sum(self, a, axes: Sequence[int] | Tensor | None, keepdims: bool = True) -> Tensor:
+        if isinstance(axes, Tensor):
+            return self.op("ReduceSum", a, axes, keepdims=int(keepdims))
+        return self.reduce("ReduceSum", a, axes, keepdims)
+
+    def reduce_mean(self, a, axes: Sequence[int] | None, keepdims: bool = True) -> Tensor:
+        return self.reduce("ReduceMean", a, axes, keepdims)
 
     # -- linear algebra -----------------------------------------------------------------------
     def matmul(self, a, b) -> Tensor: return self.op("MatMul", a, b)
 
     def gemm(self, a, b, trans_a: int = 0, trans_b: int = 0, alpha: float = 1.0) -> Tensor:
         return self.op("Gemm", a, b, transA=trans_a, transB=trans_b, alpha=float(alpha))
+
+    def einsum(self, equation: str, *operands) -> Tensor:
+        return self.op("Einsum", *operands, equation=equation)

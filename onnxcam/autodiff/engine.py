@@ -10,6 +10,11 @@ a rule table (:mod:`onnxcam.autodiff.rules`), and the engine only
 2. checks that every one of them has a rule, reporting *all* missing ones at once,
 3. walks them in reverse topological order, calling each rule with the incoming gradients and
    summing the contributions of tensors read by several nodes (residual Adds, SiLU's x*s(x)).
+
+It never guesses: a gradient that reaches a node output its rule does not handle (the second
+output of LayerNormalization, say), or an input on the path for which the rule returns no
+gradient (a Conv weight computed from the image), is an :class:`UnsupportedOpError`, not a
+silent zero.
 """
 
 from __future__ import annotations
@@ -115,6 +120,11 @@ def describe_missing(missing: Sequence[gs.Node]) -> str:
     return f"no gradient rule for op{'s' if len(ops) > 1 else ''} {', '.join(ops)} on the gradient path ({listed}{more})"
 
 
+def _refuse(node: gs.Node, reason: str):
+    raise UnsupportedOpError(f"cannot differentiate {node.op} '{node.name}': {reason}",
+                             [(node.op, node.name)]) from None
+
+
 def build_gradients(
     emitter: Emitter,
     output: gs.Tensor,
@@ -137,18 +147,24 @@ def build_gradients(
         incoming = [grads.get(t.name) for t in node.outputs]
         if all(g is None for g in incoming):
             continue
+        rule = rules[node.op]
+        if not rule.multi_output and any(g is not None for g in incoming[1:]):
+            _refuse(node, "its rule only differentiates the first output, and a later one is on the gradient path")
         needs = [
             t.name in on_path and not isinstance(t, gs.Constant)
             for t in node.inputs
         ]
         try:
-            contributions = rules[node.op](VJP(emitter, node, incoming, needs))
+            contributions = list(rule(VJP(emitter, node, incoming, needs)))
         except NotImplementedError as exc:
-            raise UnsupportedOpError(f"cannot differentiate {node.op} '{node.name}': {exc}",
-                                     [(node.op, node.name)]) from None
-        for tensor, need, grad in zip(node.inputs, needs, contributions):
-            if not need or grad is None:
+            _refuse(node, str(exc))
+        contributions += [None] * (len(needs) - len(contributions))
+        for index, (tensor, need, grad) in enumerate(zip(node.inputs, needs, contributions)):
+            if not need:
                 continue
+            if grad is None:
+                _refuse(node, f"no gradient rule for its input {index} ('{tensor.name}'), "
+                              "which is on the gradient path")
             previous = grads.get(tensor.name)
             grads[tensor.name] = grad if previous is None else emitter.add(previous, grad)
 
