@@ -45,10 +45,11 @@ def layers(
     model: Annotated[Path, typer.Argument(help="ONNX classifier")],
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
 ) -> None:
     """List the spatial activations that can be explained; * marks the default."""
     try:
-        explainer = Explainer(model, output=output)
+        explainer = Explainer(model, output=output, input_size=size)
         found = explainer.layers()
     except OnnxcamError as exc:
         fail(str(exc))
@@ -86,16 +87,56 @@ def resolve_target(text: Optional[str], labels: Optional[list[str]]) -> Optional
                       + (f" ({', '.join(labels[i] for i in prefix[:5])})" if prefix else ""))
 
 
+def resolve_targets(texts: Optional[list[str]], labels: Optional[list[str]]) -> Optional[int | list[list[int]]]:
+    """``-t`` values (repeated or comma-separated) -> one class, or several for every image."""
+    if not texts:
+        return None
+    parts = [p.strip() for text in texts for p in (text.split(",") if not _is_label(text, labels) else [text])]
+    classes = [resolve_target(p, labels) for p in parts if p]
+    return classes[0] if len(classes) == 1 else [classes]
+
+
+def _is_label(text: str, labels: Optional[list[str]]) -> bool:
+    """ImageNet labels contain commas ("Samoyed, Samoyede"): a whole label is never split."""
+    return bool(labels) and any(text.lower() == label.lower() for label in labels)
+
+
+def _seed_vectors(path: Path, classes: Optional[int]) -> np.ndarray:
+    """A seed-vector file: .npy of shape (C,) or (T, C) (or a text file of C numbers)."""
+    if not path.is_file():
+        raise OnnxcamError(f"{path}: no such seed-vector file")
+    try:
+        seeds = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=1)
+    except (OSError, ValueError) as exc:
+        raise OnnxcamError(f"{path}: cannot be read as seed vectors ({exc})") from None
+    seeds = np.asarray(seeds, np.float32)
+    if seeds.ndim not in (1, 2) or (classes is not None and seeds.shape[-1] != classes):
+        raise OnnxcamError(f"{path}: seed vectors must have shape (C,) or (T, C) with C = {classes}, "
+                           f"got {list(seeds.shape)}")
+    return seeds if seeds.ndim == 1 else seeds[None]
+
+
 @app.command()
 def explain(
     model: Annotated[Path, typer.Argument(help="ONNX classifier")],
     images: Annotated[list[Path], typer.Argument(help="image files")],
     method: Annotated[str, typer.Option("-m", "--method", help=f"one of: {', '.join(METHODS)}")] = "gradcam",
     layer: Annotated[Optional[list[str]], typer.Option("-l", "--layer", help="tensor to explain (repeat for several)")] = None,
-    target: Annotated[Optional[str], typer.Option("-t", "--target", help="class index or label (default: top-1)")] = None,
+    target: Annotated[Optional[list[str]], typer.Option("-t", "--target", help="class index or label; repeat (or 3,7,9) for several")] = None,
+    topk: Annotated[Optional[int], typer.Option("--topk", help="explain each image's K best classes")] = None,
+    seed_vector: Annotated[Optional[Path], typer.Option("--seed-vector", help=".npy of shape (C,) or (T,C): explain s . logits")] = None,
     outdir: Annotated[Path, typer.Option("-o", "--outdir", help="output folder")] = Path("onnxcam-out"),
     labels_file: Annotated[Optional[Path], typer.Option("--labels", help="labels file, one per line")] = None,
     npy: Annotated[bool, typer.Option("--npy", help="also save the heatmap as float32 .npy")] = False,
+    channels: Annotated[Optional[int], typer.Option("--channels", help="also the K most and K least important channels")] = None,
+    eigen_smooth: Annotated[bool, typer.Option("--eigen-smooth", help="first principal component of the weighted activations")] = False,
+    aug_smooth: Annotated[bool, typer.Option("--aug-smooth", help="average over flips and brightness changes")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="inputs per onnxruntime run")] = 16,
+    max_channels: Annotated[Optional[int], typer.Option("--max-channels", help="Score-CAM: keep the N highest-variance channels")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="SmoothGrad: noisy copies")] = 25,
+    noise: Annotated[float, typer.Option("--noise", help="SmoothGrad: sigma as a fraction of the input range")] = 0.15,
+    steps: Annotated[int, typer.Option("--steps", help="Integrated Gradients: path steps")] = 50,
+    baseline: Annotated[float, typer.Option("--baseline", help="Integrated Gradients: baseline value (model input space)")] = 0.0,
     provider: Annotated[str, typer.Option("--provider", help="auto, cpu or cuda")] = "auto",
     preset: Annotated[Optional[str], typer.Option("--preset", help="imagenet, inception, caffe or raw")] = None,
     size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
@@ -106,37 +147,37 @@ def explain(
 ) -> None:
     """Explain IMAGES with MODEL; writes overlays, optional .npy maps and results.json."""
     try:
-        if method not in METHODS:
-            raise OnnxcamError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-        explainer = Explainer(model, layer=layer, provider=provider, output=output)
+        Explainer.method(method)
+        if sum(x is not None and x != [] for x in (target, topk, seed_vector)) > 1:
+            raise OnnxcamError("give only one of --target, --topk and --seed-vector")
+        explainer = Explainer(model, layer=layer, provider=provider, output=output,
+                              batch_size=batch_size, input_size=size)
         labels = load_labels(labels_file) if labels_file else explainer.labels()
-        target_index = resolve_target(target, labels)
+        targets = (_seed_vectors(seed_vector, explainer.num_classes) if seed_vector
+                   else resolve_targets(target, labels))
+        options = dict(topk=topk, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
+                       max_channels=max_channels, samples=samples, noise=noise, steps=steps,
+                       baseline=baseline)
         preprocess = explainer.preprocess(preset, size, mean=_floats(mean, "--mean"),
                                           std=_floats(std, "--std"), scale=scale)
         pictures = [load_image(path) for path in images]  # every image decodes before any output
         stems = _unique_stems(images)
         records: list[dict] = []
         files: dict[str, bytes] = {}
-        batch = 16  # images per session run: amortizes the session call, bounds memory
-        for start in range(0, len(pictures), batch):
-            chunk = pictures[start:start + batch]
+        for start in range(0, len(pictures), batch_size):
+            chunk = pictures[start:start + batch_size]
             started = time.perf_counter()
-            result = explainer.explain(preprocess(chunk), method=method, targets=target_index)
+            x = preprocess(chunk)
+            result = explainer.explain(x, method=method, targets=targets, **options)
+            importance = explainer.channels(x, method, targets, k=channels, **options) if channels else None
             seconds = (time.perf_counter() - started) / len(chunk)
             for offset, picture in enumerate(chunk):
-                path, stem = images[start + offset], stems[start + offset]
-                heatmap = resize_map(result.heatmaps[offset], picture.shape[:2])
-                index = int(result.targets[offset])
-                files[f"{stem}.{method}.png"] = encode_png(overlay(picture, heatmap))
-                if npy:
-                    files[f"{stem}.{method}.npy"] = _npy_bytes(heatmap)
-                records.append({
-                    "file": str(path), "target": index,
-                    "label": labels[index] if labels and index < len(labels) else None,
-                    "probability": float(result.probabilities[offset, index]),
-                    "layer": result.layer, "method": method, "provider": result.provider,
-                    "seconds": round(seconds, 4),
-                })
+                stem = stems[start + offset]
+                record = _explained_image(result, offset, picture, stem, method, labels, npy, files)
+                record.update(file=str(images[start + offset]), seconds=round(seconds, 4))
+                if importance is not None:
+                    record["channels"] = _channel_record(importance, offset, picture, stem, files)
+                records.append(record)
         files["results.json"] = json.dumps(records, indent=1).encode()
     except UnsupportedOpError as exc:
         fail(f"{exc}; {_suggestion(model, output)}")
@@ -148,10 +189,63 @@ def explain(
     for name, data in files.items():
         atomic_write_bytes(outdir / name, data)
     for record in records:
-        label = f" ({record['label']})" if record["label"] else ""
-        typer.echo(f"{record['file']}: class {record['target']}{label} p={record['probability']:.3f} "
-                   f"[{record['provider']}, {record['seconds'] * 1000:.0f} ms]")
+        shown = ", ".join(_describe_target(t) for t in record["targets"])
+        typer.echo(f"{record['file']}: {shown} [{record['provider']}, {record['seconds'] * 1000:.0f} ms]")
     typer.echo(f"wrote {len(files)} files to {outdir}")
+
+
+def _describe_target(target: dict) -> str:
+    if target["target"] < 0:
+        return "seed vector"
+    label = f" ({target['label']})" if target["label"] else ""
+    return f"class {target['target']}{label} p={target['probability']:.3f}"
+
+
+def _explained_image(result, index: int, picture: np.ndarray, stem: str, method: str,
+                     labels: Optional[list[str]], npy: bool, files: dict[str, bytes]) -> dict:
+    """Overlays (and .npy maps) of one image, one per target, and its results.json record."""
+    targets = []
+    classes = result.targets[index].reshape(-1)
+    for slot, cls in enumerate(classes):
+        cls = int(cls)
+        name = f"{stem}.{method}" if len(classes) == 1 else f"{stem}.{method}.{cls if cls >= 0 else f'seed{slot}'}"
+        heatmap = resize_map(result.per_target[index, slot], picture.shape[:2])
+        files[f"{name}.png"] = encode_png(overlay(picture, heatmap))
+        if npy:
+            files[f"{name}.npy"] = _npy_bytes(heatmap)
+        targets.append({
+            "target": cls, "label": labels[cls] if labels and 0 <= cls < len(labels) else None,
+            "probability": float(result.probabilities[index, cls]) if cls >= 0 else None,
+            "overlay": f"{name}.png",
+        })
+    record = {"target": targets[0]["target"], "label": targets[0]["label"],
+              "probability": targets[0]["probability"], "targets": targets,
+              "layer": result.layer, "method": method, "provider": result.provider}
+    return record
+
+
+def _channel_record(importance, index: int, picture: np.ndarray, stem: str, files: dict[str, bytes]) -> dict:
+    """The K most and least important channels of one image (first target): a grid image
+    (top row: most important, bottom row: least) and their indices and weights."""
+    pick = (lambda a: a[index] if a.ndim in (2, 4) else a[index, 0])
+    rows = []
+    for maps in (importance.most_maps, importance.least_maps):
+        chosen = maps[index] if maps.ndim == 4 else maps[index, 0]
+        tiles = [overlay(picture, m) for m in chosen]
+        tiles = [cv2_resize(t, (128, 128)) for t in tiles]
+        rows.append(np.concatenate(tiles, axis=1))
+    name = f"{stem}.{importance.method}.channels.png"
+    files[name] = encode_png(np.concatenate(rows, axis=0))
+    return {"layer": importance.layer, "grid": name,
+            "most": [int(c) for c in pick(importance.most)],
+            "most_weights": [float(w) for w in pick(importance.most_weights)],
+            "least": [int(c) for c in pick(importance.least)],
+            "least_weights": [float(w) for w in pick(importance.least_weights)]}
+
+
+def cv2_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def _suggestion(model: Path, output: Optional[str]) -> str:

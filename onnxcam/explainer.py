@@ -33,7 +33,7 @@ from .errors import LayerError, OnnxcamError, TargetError, UnsupportedOpError
 from .head import linear_head
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
 from .methods import METHODS, Method, combine_layers, scale_maps
-from .model import Layer, ModelGraph, load_model
+from .model import Layer, ModelGraph, load_model, pin_input_size
 from .runtime import Session
 from .surgery import SEED, RewriteRequest, Rewritten, cached_rewrite, head_frontier, rewrite
 
@@ -168,16 +168,18 @@ class Explainer:
     ``model`` is a path or a ModelProto; ``layer`` a tensor (or node) name, several, or None for
     the default (the last spatial activation before the logits); ``provider`` "auto", "cpu"
     or "cuda"; ``output`` which output to explain when there are several; ``batch_size`` how
-    many inputs go through onnxruntime at once.
+    many inputs go through onnxruntime at once; ``input_size`` (H, W) pins the input size of
+    models exported with a dynamic one (gradient rules and the cache work on fixed sizes).
     """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | Sequence[str] | None = None,
                  provider: str = "auto", output: str | None = None, cache: bool = True,
-                 batch_size: int = 16):
+                 batch_size: int = 16, input_size: tuple[int, int] | None = None):
         if isinstance(model, onnx.ModelProto):
             self.source, proto = "<model>", model
         else:
             self.source, proto = str(model), load_model(model)
+        proto = pin_input_size(proto, input_size, self.source)
         self.graph = ModelGraph(proto, self.source)
         self._proto = proto
         self.output = output

@@ -94,14 +94,66 @@ def first_line(exc: BaseException) -> str:
 
 
 def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with inferred value_info (data propagation on, so Reshape targets resolve)."""
+    """The model with value_info for every tensor whose shape can be known.
+
+    ONNX shape inference (with data propagation) first. Exports with a dynamic batch often
+    compute Reshape targets at run time (ShuffleNet's channel shuffle: Shape -> Gather -> Div
+    -> Concat), which inference cannot follow, leaving every later tensor shapeless; those
+    shapes are then read off one onnxruntime run at batch 1, the batch put back symbolic."""
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - a model ORT can run may still trip the strict checker
         try:
-            return onnx.shape_inference.infer_shapes(model)
+            inferred = onnx.shape_inference.infer_shapes(model)
         except Exception:  # noqa: BLE001
             return model
+    return _shapes_from_a_run(inferred)
+
+
+def _shapes_from_a_run(model: onnx.ModelProto) -> onnx.ModelProto:
+    shapeless = [vi for vi in model.graph.value_info
+                 if vi.type.tensor_type.elem_type in _FLOAT_TYPES and not _fully_known(vi)]
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if not shapeless or len(inputs) != 1:
+        return model
+    dims = static_dims(inputs[0]) or ()
+    if not dims or any(not isinstance(d, int) for d in dims[1:]):
+        return model  # spatial size unknown: nothing to run at
+    batch = dims[0]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.input[list(probe.graph.input).index(inputs[0])].type.tensor_type.shape.dim[0].dim_value = 1
+    del probe.graph.output[:]
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, None) for vi in shapeless)
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        elem = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
+        values = session.run(None, {inputs[0].name: np.zeros([1] + list(dims[1:]), elem)})
+    except Exception:  # noqa: BLE001 - shapes stay unknown; the caller reports what it cannot use
+        return model
+    for vi, value in zip(shapeless, values):
+        shape: list[int | str] = list(value.shape)
+        if shape and shape[0] == 1 and not isinstance(batch, int) and value.ndim >= 2:
+            shape[0] = batch if isinstance(batch, str) else "batch"
+        vi.type.tensor_type.ClearField("shape")
+        for d in shape:
+            entry = vi.type.tensor_type.shape.dim.add()
+            if isinstance(d, str):
+                entry.dim_param = d
+            else:
+                entry.dim_value = d
+    return model
+
+
+def _fully_known(vi: onnx.ValueInfoProto) -> bool:
+    dims = static_dims(vi)
+    return dims is not None and None not in dims
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -205,6 +257,8 @@ class ModelGraph:
                 source = layouts[node.input[0]]
                 if len(perm) == len(source):
                     layout = "".join(source[p] for p in perm)
+            elif node.op_type == "Reshape":
+                layout = self._reshape_layout(node, layouts)
             elif node.op_type in _LAYOUT_PRESERVING_OPS:
                 for name in node.input:
                     if name in layouts:
@@ -217,6 +271,20 @@ class ModelGraph:
                 if dims is not None and len(dims) == 4:
                     layouts[name] = layout
         return layouts
+
+    def _reshape_layout(self, node: onnx.NodeProto, layouts: dict[str, str]) -> str | None:
+        """A Reshape (chain) that gives back the dims of a tensor with a known layout keeps that
+        layout: ShuffleNet's channel shuffle is Reshape -> Transpose -> Reshape to N,C,H,W."""
+        dims = self.dims(node.output[0])
+        source = node.input[0]
+        for _ in range(8):
+            if source in layouts:
+                return layouts[source] if self.dims(source) == dims else None
+            producer = self.producer.get(source)
+            if producer is None or producer.op_type not in ("Reshape", "Transpose"):
+                return None
+            source = producer.input[0]
+        return None
 
     # -- what to explain ----------------------------------------------------------------------
     def logits(self, output: str | None = None) -> str:
@@ -273,9 +341,11 @@ class ModelGraph:
                     continue
                 candidates.append(Layer(name, node.op_type, node.name, chw, layout))
         if not candidates:
+            hint = (" (the input size is dynamic: give --size H W)" if self.static_input_hw() is None
+                    else "; onnxcam explains convolutional classifiers")
             raise LayerError(
                 f"{self.source}: no spatial activation (a 4-D tensor with H*W > 1 and a known "
-                f"layout) feeds the output '{logits}'; onnxcam explains convolutional classifiers")
+                f"layout) feeds the output '{logits}'{hint}")
         last = candidates[-1]
         return [c if c is not last else Layer(**{**c.__dict__, "default": True}) for c in candidates]
 
@@ -309,6 +379,35 @@ class ModelGraph:
         """The input's batch size when the export fixed it, else None (dynamic)."""
         dims = self.dims(self.input.name) or (None,)
         return dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+
+
+def pin_input_size(model: onnx.ModelProto, size: tuple[int, int] | None,
+                   source: str = "<model>") -> onnx.ModelProto:
+    """The model with its image input's H, W fixed to ``size`` when they are dynamic.
+
+    Models exported with a dynamic spatial size are explained at one size at a time: fixed
+    shapes let every gradient rule resolve its geometry and key the rewrite cache. A model
+    whose size is fixed is returned as is (``size`` must then agree with it)."""
+    graph = ModelGraph(model, source)
+    layout = graph.input_layout()
+    fixed = graph.static_input_hw()
+    spatial = (2, 3) if layout == "NCHW" else (1, 2)
+    if fixed is not None:
+        if size is not None and tuple(size) != fixed:
+            raise ModelError(f"{source}: the model's input size is fixed at {fixed[0]}x{fixed[1]}; "
+                             f"--size {size[0]} {size[1]} does not apply")
+        return model
+    if size is None:
+        return model
+    if any(int(v) < 1 for v in size):
+        raise ModelError(f"--size must be positive, got {list(size)}")
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    target = next(i for i in pinned.graph.input if i.name == graph.input.name)
+    for axis, value in zip(spatial, size):
+        target.type.tensor_type.shape.dim[axis].dim_value = int(value)
+    del pinned.graph.value_info[:]
+    return pinned
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

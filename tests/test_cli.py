@@ -146,3 +146,58 @@ def test_console_script_runs_mobilenet(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "macaw" in done.stdout
+
+
+def test_dynamic_size_model_needs_and_takes_size(tmp_path, photo):
+    path = tmp_path / "dyn.onnx"
+    model = conv_classifier()
+    for axis in (2, 3):
+        model.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = "S"
+    onnx.save(model, path)
+    code, output = run("explain", path, photo, "-o", tmp_path / "no")
+    assert code == 2 and "--size" in output
+    code, output = run("explain", path, photo, "-o", tmp_path / "yes", "--size", 24, 20, "--npy")
+    assert code == 0, output
+    assert np.load(tmp_path / "yes" / "photo.gradcam.npy").shape == (40, 60)
+    code, output = run("layers", path, "--size", 24, 20)
+    assert code == 0 and "12,12,10" in output
+
+
+def test_several_targets_topk_and_seed_vectors(tiny, photo, tmp_path):
+    code, output = run("explain", tiny, photo, "-o", tmp_path / "t", "-t", "1,3", "--npy")
+    assert code == 0, output
+    record = json.loads((tmp_path / "t" / "results.json").read_text())[0]
+    assert [t["target"] for t in record["targets"]] == [1, 3]
+    one, three = np.load(tmp_path / "t" / "photo.gradcam.1.npy"), np.load(tmp_path / "t" / "photo.gradcam.3.npy")
+    assert not np.allclose(one, three)
+    code, output = run("explain", tiny, photo, "-o", tmp_path / "k", "--topk", 3)
+    assert code == 0, output
+    record = json.loads((tmp_path / "k" / "results.json").read_text())[0]
+    probabilities = [t["probability"] for t in record["targets"]]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+    # a seed vector equal to one-hot(3) explains class 3
+    np.save(tmp_path / "seed.npy", np.eye(5, dtype=np.float32)[3])
+    code, output = run("explain", tiny, photo, "-o", tmp_path / "s", "--seed-vector", tmp_path / "seed.npy", "--npy")
+    assert code == 0, output
+    np.testing.assert_allclose(np.load(tmp_path / "s" / "photo.gradcam.npy"), three, atol=1e-6)
+    code, output = run("explain", tiny, photo, "-o", tmp_path / "x", "-t", "1", "--topk", 2)
+    assert code == 2 and "only one of" in output
+
+
+def test_channels_grid_and_record(tiny, photo, tmp_path):
+    code, output = run("explain", tiny, photo, "-o", tmp_path / "c", "--channels", 2)
+    assert code == 0, output
+    record = json.loads((tmp_path / "c" / "results.json").read_text())[0]
+    channels = record["channels"]
+    assert len(channels["most"]) == 2 and len(channels["least"]) == 2
+    assert min(channels["most_weights"]) >= max(channels["least_weights"])
+    grid = cv2.imread(str(tmp_path / "c" / channels["grid"]))
+    assert grid.shape == (256, 256, 3)
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "scorecam", "ablationcam", "saliency", "eigencam", "cam"])
+def test_every_method_family_runs_from_the_cli(tiny, photo, tmp_path, method):
+    code, output = run("explain", tiny, photo, "-o", tmp_path / "m", "-m", method, "--npy")
+    assert code == 0, output
+    heatmap = np.load(tmp_path / "m" / f"photo.{method}.npy")
+    assert np.isfinite(heatmap).all() and 0 <= heatmap.min() and heatmap.max() <= 1
