@@ -6,17 +6,20 @@ The package follows the data's way:
     autodiff/      reverse-mode autodiff emitting standard ONNX ops (engine + VJP rules)
     surgery.py     rewrite: seed input, activation and gradient outputs, batch, cache
     runtime.py     onnxruntime sessions, CUDA when really usable
+    head.py        the head after a layer: CAM weights, cut points for one-pass multi-target
     methods.py     maps from activations and gradients (Grad-CAM and relatives)
-    images.py      images in; visualize.py maps out
+    perturbation.py  Score-CAM and Ablation-CAM, batched through the same session
+    pixel.py       pixel-space maps: saliency, SmoothGrad, guided backprop, integrated gradients
+    images.py      images in; visualize.py maps out; metrics.py how maps agree with boxes
     explainer.py   the Python API; cli.py the command line; demo.py the bundled demo
 """
 
 from .errors import ImageError, LayerError, ModelError, OnnxcamError, TargetError, UnsupportedOpError
-from .explainer import Explainer, Explanation
+from .explainer import ChannelImportance, Explainer, Explanation, Options
 from .images import Preprocess, load_image
 from .methods import METHODS
 from .model import Layer
 
 __version__ = "0.1.0"
-__all__ = ["Explainer", "Explanation", "Layer", "METHODS", "Preprocess", "load_image", "ImageError",
+__all__ = ["ChannelImportance", "Explainer", "Explanation", "Options", "Layer", "METHODS", "Preprocess", "load_image", "ImageError",
            "LayerError", "ModelError", "OnnxcamError", "TargetError", "UnsupportedOpError"]
