@@ -38,9 +38,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import version_converter
 
-from .autodiff import RULES, Emitter, build_gradients, guided_relu, plan
+from .autodiff import RULES, Emitter, build_gradients, guided_relu, plan, upgrade
 from .autodiff.engine import describe_missing
 from .autodiff.rules import VJP, Rule
 from .errors import LayerError, ModelError, UnsupportedOpError
@@ -295,6 +294,8 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
     for tensor, grad in zip(wrt, grads):
         if tensor not in outputs and tensor.name != input_name:
             outputs.append(tensor)
+        if grad.name.startswith(GRAD_PREFIX) or grad in graph.inputs:
+            grad = emitter.op("Identity", grad)  # two tensors share one gradient: name a copy
         grad.name = GRAD_PREFIX + tensor.name
         grad.dtype, grad.shape = float_dtype, tensor.shape
         gradient_names[tensor.name] = grad.name
@@ -319,7 +320,8 @@ def _default_to_top1(b: Emitter, seed: gs.Tensor, logits: gs.Tensor) -> gs.Tenso
     classes = logits.shape[-1] if logits.shape and isinstance(logits.shape[-1], int) else None
     top = b.op("ArgMax", logits, axis=-1, keepdims=1)
     positions = (b.const(np.arange(classes, dtype=np.int64)) if classes is not None else
-                 b.op("Range", b.ints(0), b.squeeze(b.shape(logits, start=-1), [0]), b.ints(1)))
+                 b.op("Range", b.const(np.int64(0)), b.squeeze(b.shape(logits, start=-1), [0]),
+                      b.const(np.int64(1))))
     one_hot = b.as_float(b.equal(positions, top))
     empty = b.as_float(b.equal(b.reduce_sum(b.abs(seed), [-1], keepdims=True), 0.0))
     return b.add(seed, b.mul(empty, one_hot))
@@ -347,7 +349,7 @@ def _data_input(graph: gs.Graph) -> gs.Variable:
 def _convert(model: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:
     """Upgrade the opset (rules need e.g. ScatterElements reductions from opset 16)."""
     try:
-        converted = version_converter.convert_version(model, opset)
+        converted = upgrade(model, opset)  # keeps legacy Resize/Upsample semantics
     except Exception as exc:  # noqa: BLE001 - the converter raises many types
         raise ModelError(f"{source}: the gradient needs opset {opset} but converting from opset "
                          f"{opset_of(model)} failed ({first_line(exc)})") from None

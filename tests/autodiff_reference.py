@@ -15,11 +15,12 @@ gradient ``grad + e`` fails them with probability ~1 because ``<e, v> ~ N(0, |e|
 ReferenceEvaluator traps (docs/onnx-autodiff.md and found here): its Erf (also inside Gelu)
 computes in float32, its ConvTranspose crashes on groups and mishandles ``output_shape``, its
 opset-9 BatchNormalization ignores ``epsilon``, its GlobalMaxPool drops a dim of 3-D inputs,
-its Softmax ignores the pre-13 semantics and it has no GlobalLpPool; all are replaced below by float64 numpy implementations, and
-every case first asserts that reference and onnxruntime agree on the forward pass. Where the
-reference cannot run an op at all (negative Pad, linear Upsample) and the op is linear in the
-differentiated input, the ``"ort"`` reference evaluates the forward model in onnxruntime
-float32 with ``eps=1`` instead (exact for a linear map up to float32 rounding).
+its Softmax ignores the pre-13 semantics and it has no GlobalLpPool; all are replaced below by
+float64 numpy implementations, and every case first asserts that reference and onnxruntime
+agree on the forward pass. Where the reference cannot run an op at all (negative Pad, linear
+Upsample) and the op is linear in the differentiated input, the ``"ort"`` reference evaluates
+the forward model in onnxruntime float32 with ``eps=1`` instead (exact for a linear map up to
+float32 rounding).
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ DISABLE_ALL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
 @dataclass
 class Input:
-    """A graph input fed with ``value``; ``symbolic`` axes get named (dynamic) dims."""
+    """A graph input fed with ``value``; ``symbolic`` axes get named (dynamic) dims: a list of
+    axes (each named after the input) or a mapping axis -> name (shared names are equal dims)."""
 
     value: np.ndarray
-    symbolic: Sequence[int] = ()
+    symbolic: Sequence[int] | Mapping[int, str] = ()
     differentiate: bool = True
 
 
@@ -74,8 +76,9 @@ def graph_model(nodes: Sequence[tuple], args: Sequence, *, opset: int = 13
             names.append("")
         elif isinstance(arg, Input):
             name = f"x{index}"
-            dims = [f"{name}_d{axis}" if axis in arg.symbolic else size
-                    for axis, size in enumerate(arg.value.shape)]
+            names_of = arg.symbolic if isinstance(arg.symbolic, Mapping) else \
+                {axis: f"{name}_d{axis}" for axis in arg.symbolic}
+            dims = [names_of.get(axis, size) for axis, size in enumerate(arg.value.shape)]
             dtype = helper.np_dtype_to_tensor_dtype(arg.value.dtype)
             graph_inputs.append(helper.make_tensor_value_info(name, dtype, dims))
             feeds[name] = arg.value

@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.autodiff_reference import (DISABLE_ALL, ENABLE_ALL, Input, check_vjp, distinct, graph_model,
-                                      node_model, normal, positive)
+from onnxcam.errors import UnsupportedOpError
+from tests.autodiff_reference import (DISABLE_ALL, ENABLE_ALL, Input, check_vjp, distinct, engine_gradients,
+                                      graph_model, node_model, normal, positive)
 
 I64 = np.int64
 CASES: list = []
@@ -156,6 +157,20 @@ for equation in EINSUM:
     args = [x(tuple([2] if "..." in t else []) + tuple(EINSUM_SHAPES[c] for c in t.replace("...", "")), seed=i)
             for i, t in enumerate(terms)]
     case(f"einsum-{equation}", "Einsum", args, dict(equation=equation), opset=13)
+
+case("einsum-ellipsis-dynamic-batch", "Einsum",
+     [x((2, 3, 4), seed=1, symbolic={0: "N"}), x((2, 4, 5), seed=2, symbolic={0: "N"})],
+     dict(equation="...ij,...jk->...ik"))
+
+
+def test_einsum_refuses_broadcasting_through_the_ellipsis():
+    """(2, 3, 4) @ (1, 4, 5) through '...': the gradient of the second operand would need a sum
+    over the broadcast dim; refused with a reason rather than given the wrong shape."""
+    model, feeds = node_model("Einsum", [x((2, 3, 4), seed=1), x((1, 4, 5), seed=2)],
+                              attrs=dict(equation="...ij,...jk->...ik"))
+    with pytest.raises(UnsupportedOpError, match="broadcasting through"):
+        engine_gradients(model, feeds, ["x0", "x1"], np.ones((2, 3, 5)))
+
 
 # -- broadcasting arithmetic ------------------------------------------------------------------
 
@@ -366,6 +381,12 @@ case("tile-4d", "Tile", [x((1, 2, 2, 3)), ints(2, 1, 3, 1)])
 for mode in ("DCR", "CRD"):
     case(f"depthtospace-{mode}", "DepthToSpace", [x((2, 8, 2, 3))], dict(blocksize=2, mode=mode))
 case("spacetodepth", "SpaceToDepth", [x((2, 2, 4, 6))], dict(blocksize=2))
+# Element movers on shapes known only at run time (numbers from Size(x)).
+case("depthtospace-dynamic", "DepthToSpace", [x((2, 8, 2, 3), symbolic=(0, 2, 3))], dict(blocksize=2))
+case("pad-reflect-dynamic", "Pad", [x((2, 3, 4, 5), symbolic=(0, 2, 3)), PAD[0]], dict(mode="reflect"))
+case("resize-nearest-dynamic", "Resize",
+     [x((1, 2, 3, 4), symbolic=(0, 2, 3)), None, np.array([1, 1, 2, 1.5], np.float32)], dict(mode="nearest"))
+case("gather-dynamic", "Gather", [x((3, 4, 5), symbolic=(0, 1, 2)), ints(1, 1, 0)], dict(axis=1))
 
 
 # -- the tests --------------------------------------------------------------------------------
@@ -398,31 +419,30 @@ def test_grid_is_large():
 def _models():
     """Blocks where onnxruntime's optimizer has something to fuse (Conv+BN+Relu, Gemm,
     MatMul+Add, SE's Mul, LayerNorm, Gelu)."""
-    c = lambda shape, seed: normal(shape, seed=seed, scale=0.4)  # noqa: E731
     yield "conv-bn-relu-maxpool-gemm", graph_model([
         ("Conv", [0, 1, 2], dict(pads=[1, 1, 1, 1]), 1),
         ("BatchNormalization", ["n0", 3, 4, 5, 6], {}, 1), ("Relu", ["n1"], {}, 1),
         ("MaxPool", ["n2"], dict(kernel_shape=[3, 3], strides=[2, 2]), 1),
         ("Flatten", ["n3"], {}, 1), ("Gemm", ["n4", 7, 8], dict(transB=1), 1)],
-        [Input(distinct((2, 3, 7, 7))), c((4, 3, 3, 3), 1), c((4,), 2), positive((4,), 3), c((4,), 4),
-         c((4,), 5), positive((4,), 6), c((5, 36), 7), c((5,), 8)])
+        [Input(distinct((2, 3, 7, 7))), w((4, 3, 3, 3), 1), w((4,), 2), positive((4,), 3), w((4,), 4),
+         w((4,), 5), positive((4,), 6), w((5, 36), 7), w((5,), 8)])
     yield "mobile-block-squeeze-excite", graph_model([
         ("Conv", [0, 1], dict(group=4, pads=[1, 1, 1, 1]), 1), ("HardSwish", ["n0"], {}, 1),
         ("GlobalAveragePool", ["n1"], {}, 1), ("Conv", ["n2", 2, 3], {}, 1), ("Relu", ["n3"], {}, 1),
         ("Conv", ["n4", 4], {}, 1), ("HardSigmoid", ["n5"], {}, 1), ("Mul", ["n1", "n6"], {}, 1),
         ("Add", ["n7", 0], {}, 1), ("ReduceMean", ["n8"], dict(axes=[2, 3], keepdims=0), 1)],
-        [Input(distinct((2, 4, 5, 5), step=0.3)), c((4, 1, 3, 3), 1), c((2, 4, 1, 1), 2), c((2,), 3),
-         c((4, 2, 1, 1), 4)], opset=14)
+        [Input(distinct((2, 4, 5, 5), step=0.3)), w((4, 1, 3, 3), 1), w((2, 4, 1, 1), 2), w((2,), 3),
+         w((4, 2, 1, 1), 4)], opset=14)
     yield "upsample-concat-pad", graph_model([
         ("Resize", [0, None, 1], dict(mode="linear"), 1), ("Pad", [2, 3], dict(mode="reflect"), 1),
         ("Concat", ["n0", "n1"], dict(axis=1), 1), ("Conv", ["n2", 4], {}, 1), ("Sigmoid", ["n3"], {}, 1)],
         [Input(normal((1, 2, 3, 3))), np.array([1, 1, 2, 2], np.float32), Input(normal((1, 1, 4, 4), seed=5)),
-         ints(0, 0, 1, 1, 0, 0, 1, 1), c((2, 3, 3, 3), 6)])
+         ints(0, 0, 1, 1, 0, 0, 1, 1), w((2, 3, 3, 3), 6)])
     yield "transformer-block", graph_model([
         ("LayerNormalization", [0, 1, 2], {}, 1), ("MatMul", ["n0", 3], {}, 1), ("Add", ["n1", 4], {}, 1),
         ("Gelu", ["n2"], {}, 1), ("MatMul", ["n3", 5], {}, 1), ("Add", ["n4", 0], {}, 1),
         ("Softmax", ["n5"], dict(axis=-1), 1)],
-        [Input(normal((2, 3, 4))), positive((4,), 1), c((4,), 2), c((4, 6), 3), c((6,), 4), c((6, 4), 5)],
+        [Input(normal((2, 3, 4))), positive((4,), 1), w((4,), 2), w((4, 6), 3), w((6,), 4), w((6, 4), 5)],
         opset=20)
 
 

@@ -253,7 +253,7 @@ def window_sum_adjoint(ctx: VJP, grad: Tensor) -> Tensor:
                           pads[:len(kernel)], x, ctx.y[0])
 
 
-def move_elements(ctx: VJP, replace: dict[int, object] | None = None) -> Tensor:
+def move_elements(ctx: VJP, replace: dict[int, object] | None = None, numbers: type = np.int64) -> Tensor:
     """Gradient of any op that only copies elements of its first input to its output.
 
     The op is run again on the element numbers ``P = 1..n`` laid out like the input, giving
@@ -261,28 +261,31 @@ def move_elements(ctx: VJP, replace: dict[int, object] | None = None) -> Tensor:
     constant: a dummy slot). ``g`` is scatter-added to those numbers, so repeated reads
     (Tile, Gather with duplicates, reflect padding) accumulate:
     ``dx = ScatterElements(zeros[n+1], J, g, reduction="add")[1:]``.
-    Numbers are float32, exact below 2^24 elements. ``replace`` swaps inputs of the copy
-    (Pad's constant value becomes the default 0).
+    The numbers are int64 where onnxruntime runs the op on int64; ``numbers`` picks int32
+    (Resize) or float32 (DepthToSpace, SpaceToDepth: float only, exact below 2^24 elements)
+    otherwise. ``replace`` swaps inputs of the copy (Pad's constant value becomes 0).
     """
     b, x = ctx.b, ctx.x[0]
+    kind = np.dtype(numbers)
     dims = known_dims(x)
     if dims is not None:
         n = int(np.prod(dims))
-        if n >= 2 ** 24:
+        if kind.kind == "f" and n >= 2 ** 24:
             raise NotImplementedError(f"{n} elements: too many to number exactly in float32")
-        positions = b.reshape(b.range(1.0, float(n + 1), 1.0), dims)
+        positions = b.reshape(b.range(b.const(1, kind), b.const(n + 1, kind), b.const(1, kind)), dims)
         slots = b.ints([n + 1])
     else:
         size = b.size(x)
-        positions = b.reshape(b.range(1.0, b.add(b.as_float(size), 1.0), 1.0), b.shape(x))
+        limit = b.cast(b.op("Add", size, b.const(np.int64(1))), helper.np_dtype_to_tensor_dtype(kind))
+        positions = b.reshape(b.range(b.const(1, kind), limit, b.const(1, kind)), b.shape(x))
         slots = b.reshape(b.op("Add", size, b.const(np.int64(1))), [1])
     inputs = [positions] + list(ctx.x[1:])
     for index, value in (replace or {}).items():
         if index < len(inputs):
             inputs[index] = value
     moved = b.op(ctx.node.op, *inputs, **ctx.node.attrs)
-    numbers = b.reshape(b.as_int64(moved), [-1])
-    summed = b.scatter_add(b.zeros(slots), numbers, b.reshape(ctx.g, [-1]))
+    index = b.reshape(b.as_int64(moved) if kind.kind == "f" else moved, [-1])
+    summed = b.scatter_add(b.zeros(slots), index, b.reshape(ctx.g, [-1]))
     return b.reshape_like(b.slice(summed, [1], [np.iinfo(np.int64).max], [0]), x)
 
 
@@ -750,13 +753,30 @@ def _einsum_subscripts(equation: str) -> tuple[list[list[str]], list[str]]:
     return terms, ellipsis + sorted(c for c in set(letters) if letters.count(c) == 1)
 
 
+def _same_ellipsis(ctx: VJP, terms: list[list[str]]) -> None:
+    """The dims "..." stands for must be the same in every operand: a gradient through an
+    ellipsis broadcast would also need summing over the broadcast dims (not done)."""
+    covered = []
+    for term, tensor in zip(terms, ctx.x):
+        if "..." in term:
+            shape = static_shape(tensor)
+            if shape is None:
+                raise NotImplementedError("Einsum with '...' needs known ranks")
+            start = term.index("...")
+            covered.append(tuple(shape[start:start + len(shape) - len(term) + 1]))
+    if len(set(covered)) > 1:
+        raise NotImplementedError(f"Einsum broadcasting through '...' ({' vs '.join(map(str, covered))})")
+
+
 @rule("Einsum")
 def _einsum(ctx: VJP):
     """Einsum is linear in each operand: d operand_i = einsum(g, other operands ->
     subscripts_i). Subscripts of operand i found nowhere else were summed away; they are
-    restored by Unsqueeze + Expand. Diagonals (a repeated subscript) are not handled."""
+    restored by Unsqueeze + Expand. Not handled: diagonals (a repeated subscript) and
+    broadcasting through "..." (refused, see :func:`_same_ellipsis`)."""
     b = ctx.b
     terms, out = _einsum_subscripts(ctx.attr("equation"))
+    _same_ellipsis(ctx, terms)
     join = "".join
     grads: list[Tensor | None] = []
     for i, term in enumerate(terms):
@@ -983,10 +1003,14 @@ def _expand(ctx: VJP):
     return [unbroadcast(ctx.b, ctx.g, ctx.x[0], ctx.y[0]), None]
 
 
-@rule("Slice", "Gather", "GatherElements", "GatherND", "Tile", "DepthToSpace", "SpaceToDepth",
-      "ReverseSequence", min_opset=16)
+@rule("Slice", "Gather", "GatherElements", "GatherND", "Tile", "ReverseSequence", min_opset=16)
 def _moved(ctx: VJP):
     return [move_elements(ctx)]
+
+
+@rule("DepthToSpace", "SpaceToDepth", min_opset=16)
+def _moved_float(ctx: VJP):
+    return [move_elements(ctx, numbers=np.float32)]  # onnxruntime runs these on floats only
 
 
 @rule("Pad", min_opset=16)
@@ -1001,7 +1025,7 @@ def _resize(ctx: VJP):
     resized axis y = W x, so dx = W^T g, with W read off the same Resize run on an identity
     basis (so it matches onnxruntime's coordinate conventions exactly)."""
     if ctx.attr("mode", "nearest") == "nearest":
-        return [move_elements(ctx)]
+        return [move_elements(ctx, numbers=np.int32)]  # onnxruntime's Resize has no int64 kernel
     b, x, y = ctx.b, ctx.x[0], ctx.y[0]
     x_dims, y_dims = known_dims(x), known_dims(y)
     if x_dims is None or y_dims is None:
