@@ -40,7 +40,11 @@ class Preprocess:
         std = np.asarray(self.std, np.float32)
         batch = []
         for image in images:
-            resized = cv2.resize(image.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+            # Shrinking averages pixels (like torchvision's antialiased resize); bilinear would
+            # alias thin structures away. Enlarging interpolates bilinearly.
+            shrinking = image.shape[0] > height or image.shape[1] > width
+            resized = cv2.resize(image.astype(np.float32), (width, height),
+                                 interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
             if self.channel_order == "BGR":
                 resized = resized[..., ::-1]
             normalized = (resized / self.scale - mean) / std
