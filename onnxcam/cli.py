@@ -290,10 +290,11 @@ def demo(
     """Explain the bundled shapes classifier on its sample images (offline)."""
     from .demo import run_demo
     try:
-        index = run_demo(outdir, provider=provider)
+        index, summary = run_demo(outdir, provider=provider)
     except OnnxcamError as exc:
         fail(str(exc))
         return
+    typer.echo(summary)
     typer.echo(f"demo written: {index}")
 
 

@@ -43,8 +43,9 @@ class DemoRow:
     hit: bool | None
 
 
-def run_demo(outdir: Path, provider: str = "auto", method: str = "gradcam") -> Path:
-    """Explain every sample for each of its objects' classes; returns the index.html path."""
+def run_demo(outdir: Path, provider: str = "auto", method: str = "gradcam") -> tuple[Path, str]:
+    """Explain every sample for each of its objects' classes; returns the index.html path and
+    a one-line summary."""
     folder = demo_dir()
     model_path, samples_file = folder / "shapes.onnx", folder / "samples" / "samples.json"
     if not model_path.exists() or not samples_file.exists():
@@ -81,9 +82,9 @@ def run_demo(outdir: Path, provider: str = "auto", method: str = "gradcam") -> P
     outdir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         atomic_write_bytes(outdir / name, data)
-    print(f"{len(rows)} maps for {len(samples)} images on {explainer.provider}; "
-          f"pointing game: {sum(hits)}/{len(hits)} peaks inside their object's box")
-    return outdir / "index.html"
+    summary = (f"{len(rows)} maps for {len(samples)} images on {explainer.provider}; "
+               f"pointing game: {sum(hits)}/{len(hits)} peaks inside their object's box")
+    return outdir / "index.html", summary
 
 
 def _index_html(rows: list[DemoRow], hits: list[bool], provider: str, method: str) -> str:
