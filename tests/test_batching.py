@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnxcam.explainer import Explainer
-from onnxcam.model import load_model
 from onnxcam.surgery import RewriteRequest, rewrite
+from tests.tiny_models import build_model
 
 
 def _batch_folding_model() -> onnx.ModelProto:
@@ -28,13 +28,11 @@ def _batch_folding_model() -> onnx.ModelProto:
         helper.make_node("MatMul", ["folded", "head"], ["scores"]),
         helper.make_node("Reshape", ["scores", "unfold"], ["logits"]),
     ]
-    graph = helper.make_graph(
-        nodes, "folding",
+    model = build_model(
+        nodes,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(v, k) for k, v in init.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+        init, name="folding")
     return model
 
 

@@ -18,7 +18,7 @@ from onnxcam.methods import combine_layers, first_principal_component, scale_map
 from onnxcam.perturbation import (ablationcam_weights, bilinear_matrix, highest_variance_channels,
                                   scorecam_weights, upsampled_masks)
 from onnxcam.pixel import integrated_gradients, pixel_map
-from tests.tiny_models import conv_classifier, nhwc_classifier
+from tests.tiny_models import build_model, conv_classifier, nhwc_classifier
 
 RNG = np.random.default_rng(1234)
 
@@ -365,12 +365,11 @@ def residual_classifier(classes: int = 4, size: int = 10, seed: int = 3) -> onnx
              helper.make_node("GlobalAveragePool", ["sum"], ["pooled"], name="gap"),
              helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc")]
-    graph = helper.make_graph(nodes, "residual",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-                              [numpy_helper.from_array(v, k) for k, v in init.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = build_model(
+        nodes,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        init, name="residual")
     return model
 
 
@@ -421,12 +420,11 @@ def pointwise_classifier(seed: int = 4, rectifier: str = "relu") -> tuple[onnx.M
              helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
              helper.make_node("Flatten", ["pooled"], ["flat"]),
              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "pointwise",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-                              [numpy_helper.from_array(v, k) for k, v in params.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = build_model(
+        nodes,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        params, name="pointwise")
     return model, {k: v[:, :, 0, 0].astype(np.float64) if v.ndim == 4 else v.astype(np.float64)
                    for k, v in params.items()}
 

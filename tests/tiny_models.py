@@ -8,8 +8,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def _model(nodes, inputs, outputs, initializers, opset: int = 13) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "tiny", inputs, outputs,
+def build_model(nodes, inputs, outputs, initializers, opset: int = 13, name: str = "tiny") -> onnx.ModelProto:
+    """A checked single-graph model (IR 8, which onnxruntime accepts) from nodes and numpy initializers."""
+    graph = helper.make_graph(nodes, name, inputs, outputs,
                               [numpy_helper.from_array(v, k) for k, v in initializers.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -47,7 +48,7 @@ def conv_classifier(classes: int = 5, size: int = 16, seed: int = 0, tail_op: st
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
         helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1),
     ]
-    return _model(
+    return build_model(
         nodes,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [batch, classes])],
@@ -74,7 +75,7 @@ def nhwc_classifier(classes: int = 4, size: int = 12, seed: int = 1) -> onnx.Mod
         helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
         helper.make_node("MatMul", ["flat", "fc"], ["logits"], name="fc"),
     ]
-    return _model(
+    return build_model(
         nodes,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", size, size, 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
@@ -88,7 +89,7 @@ def mlp_classifier() -> onnx.ModelProto:
     init = {"w": rng.normal(size=(3, 48)).astype(np.float32)}
     nodes = [helper.make_node("Flatten", ["input"], ["flat"]),
              helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1)]
-    return _model(
+    return build_model(
         nodes,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 4, 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
