@@ -14,11 +14,11 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from .errors import OnnxcamError, TargetError, UnsupportedOpError
+from .errors import OnnxcamError, TargetError
 from .explainer import Explainer
 from .images import load_image, load_labels
 from .methods import METHODS
-from .surgery import atomic_write_bytes
+from .files import atomic_write_bytes
 from .visualize import encode_png, overlay, resize_map
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -179,9 +179,6 @@ def explain(
                     record["channels"] = _channel_record(importance, offset, picture, stem, files)
                 records.append(record)
         files["results.json"] = json.dumps(records, indent=1).encode()
-    except UnsupportedOpError as exc:
-        fail(f"{exc}; {_suggestion(model, output)}")
-        return
     except OnnxcamError as exc:
         fail(str(exc))
         return
@@ -246,22 +243,6 @@ def _channel_record(importance, index: int, picture: np.ndarray, stem: str, file
 def cv2_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import cv2
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def _suggestion(model: Path, output: Optional[str]) -> str:
-    """Which layers have a fully supported gradient path, for the unsupported-op error."""
-    import onnx_graphsurgeon as gs
-
-    from .autodiff import plan
-    from .model import ModelGraph, load_model
-
-    graph = ModelGraph(load_model(model), str(model))
-    tensors = gs.import_onnx(graph.model).tensors()
-    logits = tensors[graph.logits(output)]
-    working = [l.name for l in graph.layers(output) if not plan([tensors[l.name]], logits).missing]
-    if not working:
-        return "no spatial layer of this model avoids those ops: please report the op"
-    return f"a layer after them works, e.g. -l {working[-1]}"
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:

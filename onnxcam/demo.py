@@ -21,7 +21,7 @@ from .errors import OnnxcamError
 from .explainer import Explainer
 from .images import load_image
 from .metrics import pointing_hit
-from .surgery import atomic_write_bytes
+from .files import atomic_write_bytes
 from .visualize import encode_png, overlay, resize_map
 
 

@@ -36,8 +36,7 @@ from .methods import METHODS, Method, combine_layers, scale_maps
 from .model import Layer, ModelGraph, load_model, pin_input_size
 from .runtime import Session
 from .surgery import SEED, RewriteRequest, Rewritten, cached_rewrite, head_frontier, rewrite
-
-Targets = int | Sequence[int] | Sequence[Sequence[int]] | np.ndarray | None
+from .targets import Targets, TargetSet, resolve_targets
 
 #: pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x [0.9, 1, 1.1].
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple(
@@ -125,29 +124,6 @@ class Options:
     steps: int = 50
     baseline: float | np.ndarray = 0.0
     seed: int = 0
-
-
-@dataclass
-class _Targets:
-    """Targets as seed vectors (N, T, C) and classes (N, T) (-1 for a seed vector);
-    ``seeds`` None until the logits pick the top ``topk`` (1 for the default)."""
-
-    seeds: np.ndarray | None
-    classes: np.ndarray | None
-    multi: bool
-    topk: int = 1
-
-    def resolve(self, logits: np.ndarray) -> _Targets:
-        if self.seeds is not None:
-            return self
-        classes = np.argsort(-logits, axis=1, kind="stable")[:, :self.topk]
-        return _Targets(_one_hot(classes, logits.shape[1]), classes, self.multi, self.topk)
-
-
-def _one_hot(classes: np.ndarray, count: int) -> np.ndarray:
-    seeds = np.zeros(classes.shape + (count,), np.float32)
-    np.put_along_axis(seeds, classes[..., None], 1.0, axis=-1)
-    return seeds
 
 
 class _Lazy:
@@ -324,61 +300,15 @@ class Explainer:
             raise TargetError("several targets per image: use explain(), which returns one map per target")
         return resolved.seeds[:, 0]
 
+    def resolve_targets(self, targets: Targets, batch: int, topk: int | None = None) -> TargetSet:
+        """Targets as seed vectors; see :meth:`explain` for the accepted forms."""
+        return resolve_targets(targets, batch, self._classes(), topk)
+
     def _classes(self) -> int:
         classes = self.num_classes
         if classes is None:
             raise OnnxcamError(f"{self.source}: the logits' class dimension is not static")
         return classes
-
-    def resolve_targets(self, targets: Targets, batch: int, topk: int | None = None) -> _Targets:
-        """Targets as seed vectors; see :meth:`explain` for the accepted forms."""
-        classes = self._classes()
-        if topk is not None:
-            if targets is not None:
-                raise TargetError("give either targets or topk, not both")
-            if not 1 <= int(topk) <= classes:
-                raise TargetError(f"topk must be between 1 and {classes}, got {topk}")
-            return _Targets(None, None, multi=True, topk=int(topk))
-        if targets is None:
-            return _Targets(None, None, multi=False)
-        try:
-            values = np.asarray(targets)
-        except ValueError:
-            raise TargetError("targets must be a class, one class per image, or an (N, T) array of classes") from None
-        if values.dtype.kind == "f":
-            return self._seed_vectors(values, batch, classes)
-        if values.dtype.kind not in "iu" or values.ndim > 2:
-            raise TargetError(f"targets must be class indices or float seed vectors, got {values.dtype} "
-                              f"of shape {list(values.shape)}")
-        multi = values.ndim == 2
-        grid = values.reshape(-1, 1) if values.ndim < 2 else values
-        if values.ndim == 0:
-            grid = np.broadcast_to(grid, (batch, 1))
-        if multi and len(grid) == 1:
-            grid = np.broadcast_to(grid, (batch, grid.shape[1]))
-        if len(grid) != batch:
-            raise TargetError(f"{len(grid)} targets for a batch of {batch} images")
-        bad = [int(v) for v in grid.reshape(-1) if not 0 <= v < classes]
-        if bad:
-            raise TargetError(f"target class {bad[0]} is out of range: the model has {classes} classes "
-                              f"(0..{classes - 1})")
-        grid = np.ascontiguousarray(grid, dtype=np.int64)
-        return _Targets(_one_hot(grid, classes), grid, multi)
-
-    def _seed_vectors(self, values: np.ndarray, batch: int, classes: int) -> _Targets:
-        if values.shape[-1] != classes or values.ndim > 3:
-            raise TargetError(f"a seed vector has one weight per logit ({classes}), got shape {list(values.shape)}")
-        multi = values.ndim == 3
-        grid = values.reshape((1, 1, classes) if values.ndim == 1 else
-                              (values.shape[0], 1, classes) if values.ndim == 2 else values.shape)
-        if len(grid) == 1:
-            grid = np.broadcast_to(grid, (batch,) + grid.shape[1:])
-        if len(grid) != batch:
-            raise TargetError(f"{len(grid)} seed vectors for a batch of {batch} images")
-        if not np.all(np.isfinite(grid)) or not np.all(np.abs(grid).sum(axis=-1) > 0):
-            raise TargetError("a seed vector must be finite and not all zero")
-        seeds = np.ascontiguousarray(grid, dtype=np.float32)
-        return _Targets(seeds, np.full(seeds.shape[:2], -1, np.int64), multi)
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
@@ -442,7 +372,7 @@ class Explainer:
             raise OnnxcamError(f"unknown method '{name}': choose one of {', '.join(METHODS)}")
         return METHODS[name]
 
-    def _explain(self, x: np.ndarray, spec: Method, wanted: _Targets, options: Options) -> Explanation:
+    def _explain(self, x: np.ndarray, spec: Method, wanted: TargetSet, options: Options) -> Explanation:
         started = time.perf_counter()
         forward = _Lazy(lambda: self.forward(x))
         in_graph_top1 = not wanted.multi and (
@@ -463,7 +393,7 @@ class Explainer:
             {k: squeeze(v) for k, v in parts.gradients.items()},
             {k: squeeze(v) for k, v in parts.weights.items()}, wanted.seeds)
 
-    def _augmented(self, x: np.ndarray, spec: Method, wanted: _Targets, options: Options) -> Explanation:
+    def _augmented(self, x: np.ndarray, spec: Method, wanted: TargetSet, options: Options) -> Explanation:
         """pytorch-grad-cam's aug_smooth: the mean of the maps of the 6 augmentations."""
         started = time.perf_counter()
         if wanted.seeds is None:
@@ -480,7 +410,7 @@ class Explainer:
                        seconds=time.perf_counter() - started)
 
     # -- the kinds ----------------------------------------------------------------------------
-    def _layer_gradients(self, x: np.ndarray, wanted: _Targets, forward: _Lazy) -> _Parts:
+    def _layer_gradients(self, x: np.ndarray, wanted: TargetSet, forward: _Lazy) -> _Parts:
         """Logits, activations (N, K, h, w) and gradients (N, T, K, h, w) at the layers: one
         target per image in one forward + backward run, several through the heads."""
         if wanted.seeds is None or wanted.seeds.shape[1] == 1:
@@ -526,7 +456,7 @@ class Explainer:
                 gradients[layer.name] = nchw.reshape((count, targets) + nchw.shape[1:])
         return gradients, provider
 
-    def _gradient_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+    def _gradient_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
         parts = self._layer_gradients(x, wanted, forward)
         if spec.weights is not None:
             parts.weights = {name: spec.channel_weights(_flat(A, parts.targets), _merge(parts.gradients[name]))
@@ -535,19 +465,19 @@ class Explainer:
         parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
         return parts
 
-    def _activation_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+    def _activation_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
         parts = self._forward_parts(wanted, forward)
         parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
         return parts
 
-    def _graph_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+    def _graph_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
         parts = self._forward_parts(wanted, forward)
         parts.weights = {l.name: (wanted.seeds.astype(np.float64) @ self.linear_head(l.name)).astype(np.float32)
                          for l in self.targets_layers}
         parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
         return parts
 
-    def _perturbation_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+    def _perturbation_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
         parts = self._forward_parts(wanted, forward)
         batch = options.batch_size or (self.batch_size if spec.name == "scorecam" else 2 * self.batch_size)
         if spec.name == "scorecam":
@@ -583,7 +513,7 @@ class Explainer:
             return self.run_model(rewritten, session, feeds, [rewritten.logits], len(batch))[rewritten.logits]
         return head
 
-    def _forward_parts(self, wanted: _Targets, forward: _Lazy) -> _Parts:
+    def _forward_parts(self, wanted: TargetSet, forward: _Lazy) -> _Parts:
         outputs = forward()
         rewritten, session = self._forward_model()
         activations = {l.name: self.to_nchw(l, outputs[l.name]) for l in self.targets_layers}
@@ -604,7 +534,7 @@ class Explainer:
             per_layer.append(spec.raw_map(_flat(A, parts.targets), gradients, weights, eigen_smooth))
         return combine_layers(per_layer, size)
 
-    def _pixel_parts(self, x, spec: Method, wanted: _Targets, options: Options, forward: _Lazy) -> _Parts:
+    def _pixel_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
         batch = options.batch_size or self.batch_size
         relu = "guided" if spec.name in ("guided-backprop", "guided-gradcam") else "plain"
         rewritten, session = self.prepared(input_gradient=True, relu=relu)
@@ -682,7 +612,7 @@ class _Parts:
     """What a method kind produced for one batch: resolved targets, logits, the provider,
     layer tensors (NCHW), gradients (N, T, K, h, w), weights (N, T, K), maps (N*T, H, W)."""
 
-    targets: _Targets
+    targets: TargetSet
     logits: np.ndarray
     provider: str
     activations: dict[str, np.ndarray] = field(default_factory=dict)
@@ -696,7 +626,7 @@ def _merge(array: np.ndarray) -> np.ndarray:
     return array.reshape((-1,) + array.shape[2:])
 
 
-def _flat(A: np.ndarray, targets: _Targets) -> np.ndarray:
+def _flat(A: np.ndarray, targets: TargetSet) -> np.ndarray:
     """Activations (N, ...) repeated once per target: (N*T, ...), matching :func:`_merge`."""
     count = targets.seeds.shape[1]
     return A if count == 1 else np.repeat(A, count, axis=0)

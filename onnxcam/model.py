@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+from . import large_models
 from .errors import LayerError, ModelError
 
 #: Ops whose output is NCHW by the ONNX spec whatever feeds them.
@@ -75,14 +76,42 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if path.is_dir():
         raise ModelError(f"{path}: is a folder, expected an .onnx file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except DecodeError:
         raise ModelError(f"{path}: not an ONNX model (the file does not parse as ONNX protobuf)") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: cannot be loaded as ONNX ({first_line(exc)})") from None
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model or an empty graph (no nodes)")
+    _check_external_data(model, path)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: its external weights cannot be read ({first_line(exc)})") from None
     return model
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Every external-data file a tensor names must lie inside the model's folder and hold
+    the bytes the tensor claims, so a moved or truncated weights file is named, not met
+    as a failure deep in onnx."""
+    folder = path.parent.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents:
+            raise ModelError(f"{path}: tensor '{tensor.name}' points outside the model's folder for "
+                             f"its external data ('{location}'); refusing to read it")
+        if not target.is_file():
+            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its weights in '{location}', which "
+                             f"is missing; copy it next to the model")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > target.stat().st_size:
+            raise ModelError(f"{path}: '{location}' is shorter than tensor '{tensor.name}' needs "
+                             f"({target.stat().st_size} < {end} bytes): truncated or the wrong file")
 
 
 def first_line(exc: BaseException) -> str:
@@ -101,10 +130,10 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     -> Concat), which inference cannot follow, leaving every later tensor shapeless; those
     shapes are then read off one onnxruntime run at batch 1, the batch put back symbolic."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = large_models.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - a model ORT can run may still trip the strict checker
         try:
-            inferred = onnx.shape_inference.infer_shapes(model)
+            inferred = large_models.infer_shapes(model)
         except Exception:  # noqa: BLE001
             return model
     return _shapes_from_a_run(inferred)
@@ -132,7 +161,7 @@ def _shapes_from_a_run(model: onnx.ModelProto) -> onnx.ModelProto:
         options = ort.SessionOptions()
         options.log_severity_level = 4
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = large_models.session(probe, options, ["CPUExecutionProvider"])
         elem = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
         values = session.run(None, {inputs[0].name: np.zeros([1] + list(dims[1:]), elem)})
     except Exception:  # noqa: BLE001 - shapes stay unknown; the caller reports what it cannot use

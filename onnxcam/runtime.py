@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import large_models
 from .errors import OnnxcamError
 from .model import first_line
 
@@ -75,9 +76,10 @@ class Session:
         if threads:
             options.intra_op_num_threads = threads
         providers = [_NAMES[wanted]] + (["CPUExecutionProvider"] if wanted != "cpu" else [])
-        payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
         try:
-            self.session = ort.InferenceSession(payload, options, providers=providers)
+            self.session = (large_models.session(model, options, providers)
+                            if isinstance(model, onnx.ModelProto)
+                            else ort.InferenceSession(model, options, providers=providers))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise OnnxcamError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
         used = self.session.get_providers()[0]

@@ -30,8 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import onnx_graphsurgeon as gs
 from .autodiff import RULES, Emitter, build_gradients, guided_relu, plan, upgrade
 from .autodiff.engine import describe_missing
 from .autodiff.rules import VJP, Rule
+from . import large_models
 from .errors import LayerError, ModelError, UnsupportedOpError
 from .model import ModelGraph, first_line, opset_of, with_shapes
 
@@ -144,14 +144,26 @@ def rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<mod
     graph, tensors, wrt = _prepare(model, request, source)
     gradient_plan = plan(wrt, tensors[request.logits], rules)
     if gradient_plan.missing:
-        raise UnsupportedOpError(f"{source}: {describe_missing(gradient_plan.missing)}",
-                                 [(n.op, n.name) for n in gradient_plan.missing])
+        raise UnsupportedOpError(
+            f"{source}: {describe_missing(gradient_plan.missing)}; "
+            f"{_working_layers_hint(model, tensors, request.logits, rules)}",
+            [(n.op, n.name) for n in gradient_plan.missing])
     if gradient_plan.min_opset > opset_of(model):
         model = _convert(model, gradient_plan.min_opset, source)
         graph, tensors, wrt = _prepare(model, request, source)
 
     static = _build(graph, tensors, wrt, request, rules, opset_of(model), source)
     return _with_dynamic_batch(static, request)
+
+
+def _working_layers_hint(model: onnx.ModelProto, tensors, logits: str, rules) -> str:
+    """Which candidate layers have a fully supported gradient path (the nearest to the
+    logits named), for the unsupported-op error."""
+    layers = ModelGraph(model).layers(logits)
+    working = [l.name for l in layers if l.name in tensors and not plan([tensors[l.name]], tensors[logits], rules).missing]
+    if not working:
+        return "no spatial layer of this model avoids those ops: please report the op"
+    return f"a layer after them works, e.g. layer '{working[-1]}' (CLI: -l {working[-1]})"
 
 
 def _with_dynamic_batch(static: Rewritten, request: RewriteRequest) -> Rewritten:
@@ -408,8 +420,7 @@ def _try_dynamic_batch(static: Rewritten) -> Rewritten | None:
 
         options = ort.SessionOptions()
         options.log_severity_level = 4
-        session = ort.InferenceSession(dynamic_model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = large_models.session(dynamic_model, options, ["CPUExecutionProvider"])
         feeds = _probe_feeds(session, batch=3)
         batched = session.run(None, feeds)
         singles = [session.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(3)]
@@ -457,8 +468,9 @@ def _code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(model_bytes: bytes, request: RewriteRequest) -> str:
-    digest = hashlib.sha256(model_bytes)
+def cache_key(model: onnx.ModelProto, request: RewriteRequest) -> str:
+    """Content hash of the model, the request and the code that builds the rewrite."""
+    digest = large_models.fingerprint(model)
     digest.update(json.dumps(asdict(request), sort_keys=True).encode())
     digest.update(_code_fingerprint().encode())
     return digest.hexdigest()[:32]
@@ -467,10 +479,10 @@ def cache_key(model_bytes: bytes, request: RewriteRequest) -> str:
 def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<model>",
                    directory: Path | None = None) -> tuple[Rewritten, bool]:
     """The rewrite from the cache when present (returns ``(rewritten, hit)``), else built and
-    stored atomically. An unreadable cache entry is rebuilt, never trusted."""
-    model_bytes = model.SerializeToString()
+    stored atomically (a model over 2 GiB with its weights beside it as ONNX external data,
+    see :mod:`onnxcam.large_models`). An unreadable cache entry is rebuilt, never trusted."""
     directory = directory or cache_dir()
-    path = directory / f"{cache_key(model_bytes, request)}.onnx"
+    path = directory / f"{cache_key(model, request)}.onnx"
     if path.exists():
         try:
             return Rewritten.from_model(onnx.load(str(path))), True
@@ -479,21 +491,7 @@ def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str 
     rewritten = rewrite(model, request, source)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, rewritten.model.SerializeToString())
+        large_models.save(rewritten.model, path)
     except OSError:
         pass  # a read-only cache only costs the next run a rewrite
     return rewritten, False
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see a partial file."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise

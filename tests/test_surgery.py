@@ -156,3 +156,4 @@ def test_every_op_without_a_rule_is_named():
         rewrite(conv_classifier(tail_op=op), RewriteRequest(("r1",), "logits"))
     assert info.value.nodes == [(op, "odd_tail")]
     assert op in str(info.value) and "odd_tail" in str(info.value)
+    assert "layer 'tail'" in str(info.value)  # the API user also learns which layer works

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, version_converter
+from onnx import helper, numpy_helper
+
+from .. import large_models
 
 #: IR version for each opset that onnxruntime accepts (onnx 1.23 writes IR 14 by default).
 IR_FOR_OPSET = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10}
@@ -34,7 +36,7 @@ def upgrade(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     raises ``ValueError`` for a Resize-10 nearest that both up- and downsamples, which no
     single opset-11 ``nearest_mode`` reproduces."""
     legacy = _legacy_resizes(model) if default_opset(model) < 11 <= opset else {}
-    converted = version_converter.convert_version(model, opset)
+    converted = large_models.convert_version(model, opset)
     converted.ir_version = IR_FOR_OPSET.get(opset, 10)
     for node in converted.graph.node:
         if node.op_type == "Resize" and node.output[0] in legacy:
@@ -48,9 +50,10 @@ def upgrade(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 def _legacy_resizes(model: onnx.ModelProto) -> dict[str, str | None]:
     """Output name -> the nearest_mode that reproduces it (None for linear) for every
     Resize-10/Upsample node."""
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    wanted = {n.input[1] for n in model.graph.node if n.op_type in ("Resize", "Upsample") and len(n.input) > 1}
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
     for node in model.graph.node:
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" and node.output[0] in wanted:
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     found: dict[str, str | None] = {}
     for node in model.graph.node:

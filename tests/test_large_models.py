@@ -1,0 +1,172 @@
+"""Models stored with external data, and the path for models over protobuf's 2 GiB limit.
+
+A real > 2 GiB model is too big for CI; `python tools/check_large_model.py` runs one by hand.
+Here the same code path runs on small models by lowering ``large_models.INLINE_LIMIT``, and
+every result is compared with the plain in-memory path (an independent computation of the
+same thing)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnxcam import large_models
+from onnxcam.cli import app
+from onnxcam.errors import ModelError
+from onnxcam.explainer import Explainer
+from onnxcam.model import load_model, with_shapes
+from onnxcam.surgery import RewriteRequest, cached_rewrite
+from tests.tiny_models import conv_classifier
+
+typer_testing = pytest.importorskip("typer.testing")
+
+
+def _save_with_external_data(model: onnx.ModelProto, path) -> None:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save_model moves the data out of the proto it is given
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".weights", size_threshold=0)
+
+
+@pytest.fixture
+def big_path(monkeypatch):
+    """Every model counts as 'large' (its initializers of 1 KiB or more are detached)."""
+    monkeypatch.setattr(large_models, "INLINE_LIMIT", 0)
+
+
+def _images(seed: int = 0, n: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 3, 16, 16)).astype(np.float32)
+
+
+def test_model_with_external_data_explains_like_the_inline_model(tmp_path):
+    model = conv_classifier()
+    path = tmp_path / "external.onnx"
+    _save_with_external_data(model, path)
+    assert (tmp_path / "external.onnx.weights").stat().st_size > path.stat().st_size  # weights really outside
+
+    x = _images()
+    inline = Explainer(model).explain(x, "gradcam")
+    external = Explainer(path).explain(x, "gradcam")
+    np.testing.assert_array_equal(external.targets, inline.targets)
+    np.testing.assert_allclose(external.heatmaps, inline.heatmaps, atol=1e-6)
+
+
+def test_missing_external_data_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "external.onnx"
+    _save_with_external_data(conv_classifier(), path)
+    (tmp_path / "external.onnx.weights").unlink()
+    with pytest.raises(ModelError, match="external.onnx"):
+        load_model(path)
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path):
+    """A model naming '../somewhere' for its weights would read files it has no business
+    reading; it is refused with the tensor named."""
+    (tmp_path / "inner").mkdir()
+    path = tmp_path / "inner" / "external.onnx"
+    _save_with_external_data(conv_classifier(), path)
+    (tmp_path / "inner" / "external.onnx.weights").rename(tmp_path / "outside.weights")
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.weights"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="outside the model's folder"):
+        load_model(path)
+
+
+def test_truncated_external_data_is_named(tmp_path):
+    path = tmp_path / "external.onnx"
+    _save_with_external_data(conv_classifier(), path)
+    weights = tmp_path / "external.onnx.weights"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(ModelError, match="external.onnx.weights' is shorter"):
+        load_model(path)
+
+
+def test_cli_explains_a_model_with_external_data(tmp_path):
+    import cv2
+
+    path = tmp_path / "external.onnx"
+    _save_with_external_data(conv_classifier(), path)
+    image = tmp_path / "noise.png"
+    cv2.imwrite(str(image), np.random.default_rng(1).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    result = typer_testing.CliRunner().invoke(app, ["explain", str(path), str(image), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "noise.gradcam.png").exists()
+
+
+def test_skeleton_holds_no_weight_data_and_attach_restores_it(big_path, monkeypatch):
+    monkeypatch.setattr(large_models, "DETACH_MIN_BYTES", 0)
+    model = conv_classifier()
+    skeleton, weights = large_models.detach(model)
+    assert set(weights) == {t.name for t in model.graph.initializer}
+    assert all(not t.raw_data and t.data_location == onnx.TensorProto.EXTERNAL for t in skeleton.graph.initializer)
+    restored = large_models.attach(skeleton, weights)
+    assert restored.SerializeToString() == model.SerializeToString()
+
+
+def test_shape_inference_and_version_conversion_on_the_skeleton_match_the_plain_path(big_path, monkeypatch):
+    model = conv_classifier()
+    big_shapes = with_shapes(model)
+    big_converted = large_models.convert_version(model, 17)
+    monkeypatch.setattr(large_models, "INLINE_LIMIT", 2**31)
+    assert big_shapes.SerializeToString() == with_shapes(model).SerializeToString()
+    plain = onnx.version_converter.convert_version(model, 17)
+    assert big_converted.SerializeToString() == plain.SerializeToString()
+
+
+def test_fingerprint_follows_the_weights(big_path):
+    model = conv_classifier()
+    same = conv_classifier()
+    other = conv_classifier(seed=1)  # same graph, other weights
+    assert large_models.fingerprint(model).hexdigest() == large_models.fingerprint(same).hexdigest()
+    assert large_models.fingerprint(model).hexdigest() != large_models.fingerprint(other).hexdigest()
+
+
+def test_large_rewrites_are_cached_as_external_data_and_reloaded(big_path, tmp_path):
+    model = conv_classifier()
+    request = RewriteRequest(("features",), "logits")
+    rewritten, hit = cached_rewrite(model, request, directory=tmp_path)
+    assert not hit
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert len(entries) == 2 and entries[1] == entries[0] + ".data", entries
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+    # Stock onnxruntime loads the cache entry from its path, external data and all, and gives
+    # what the in-memory rewrite gives.
+    x = _images()
+    feeds = {"input": x, "onnxcam_seed": np.zeros((2, 5), np.float32)}
+    from_disk = ort.InferenceSession(str(tmp_path / entries[0]), providers=["CPUExecutionProvider"])
+    in_memory = ort.InferenceSession(rewritten.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for a, b in zip(from_disk.run(None, feeds), in_memory.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)
+
+    reloaded, hit = cached_rewrite(model, request, directory=tmp_path)
+    assert hit and reloaded.gradients == rewritten.gradients
+
+
+def test_truncated_external_data_in_the_cache_is_rebuilt(big_path, tmp_path):
+    model = conv_classifier()
+    request = RewriteRequest(("features",), "logits")
+    cached_rewrite(model, request, directory=tmp_path)
+    data = next(p for p in tmp_path.iterdir() if p.name.endswith(".data"))
+    data.write_bytes(data.read_bytes()[:100])
+    _, hit = cached_rewrite(model, request, directory=tmp_path)
+    assert not hit
+    assert data.stat().st_size > 100  # rewritten whole
+
+
+def test_explanations_on_the_large_model_path_equal_the_plain_path(big_path, monkeypatch):
+    x = _images(n=3)
+    big = {method: Explainer(conv_classifier(), cache=False).explain(x, method)
+           for method in ("gradcam", "scorecam", "ablationcam", "saliency")}
+    monkeypatch.setattr(large_models, "INLINE_LIMIT", 2**31)
+    for method, explanation in big.items():
+        plain = Explainer(conv_classifier(), cache=False).explain(x, method)
+        np.testing.assert_allclose(explanation.heatmaps, plain.heatmaps, atol=1e-6, err_msg=method)
