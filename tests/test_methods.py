@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcam import METHODS, Explainer, OnnxcamError
 from onnxcam.head import linear_head
 from onnxcam.methods import combine_layers, first_principal_component, scale_maps
-from onnxcam.perturbation import (ablationcam_weights, bilinear_matrix, highest_variance_channels,
-                                  scorecam_weights, upsampled_masks)
+from onnxcam.perturbation import (ablationcam_weights, bilinear_matrix, distinct_masks,
+                                  highest_variance_channels, scorecam_weights, upsampled_masks)
 from onnxcam.pixel import integrated_gradients, pixel_map
 from tests.tiny_models import build_model, conv_classifier, nhwc_classifier
 
@@ -264,6 +264,39 @@ def test_scorecam_weights_match_a_slow_loop_through_the_original_model(mobilenet
     np.testing.assert_allclose(result.weights[name][0], slow, rtol=1e-4, atol=1e-7)
     expected_map = combine_layers([(slow[:, None, None] * activations).sum(0)[None]], (128, 128))
     np.testing.assert_allclose(result.heatmaps, expected_map, atol=1e-4)
+
+
+def test_scorecam_runs_each_distinct_mask_once_with_the_same_weights():
+    """Constant channels (all zero, saturated at 6) have the all-zero mask by definition and
+    a duplicated channel has its twin's mask: 7 channels, 4 distinct masks, 4 model inputs;
+    the weights are those of scoring every channel's own mask."""
+    A = RNG.normal(size=(1, 7, 3, 4))
+    A[0, 1] = 0.0
+    A[0, 3] = 6.0
+    A[0, 5] = A[0, 2]
+    A[0, 6] = 0.0
+    unique, which = distinct_masks(A[0])
+    assert len(unique) == 4 and which[1] == which[3] == which[6] and which[2] == which[5]
+    assert not np.any(upsampled_masks(unique[[which[3]]], (6, 8)))
+    x = RNG.normal(size=(1, 2, 6, 8)).astype(np.float32)
+    W = RNG.normal(size=(3, 2 * 48))
+    seen = []
+
+    def linear(batch):
+        seen.append(len(batch))
+        return batch.reshape(len(batch), -1).astype(np.float64) @ W.T
+    seeds = np.eye(3)[None, [0, 2]]
+    weights = scorecam_weights(x, A, seeds, linear, batch_size=3)[0]
+    assert sum(seen) == 4
+    scores = []
+    for channel in A[0]:
+        up = _bilinear_align_corners(channel, (6, 8))
+        constant = channel.min() == channel.max()  # then up - min is 0: the mask is zero
+        mask = np.zeros_like(up) if constant else (up - up.min()) / (up.max() - up.min() + 1e-8)
+        scores.append((x[0] * mask[None]).reshape(-1) @ W[[0, 2]].T)
+    scores = np.array(scores).T
+    expected = np.exp(scores - scores.max(1, keepdims=True))
+    np.testing.assert_allclose(weights, expected / expected.sum(1, keepdims=True), rtol=1e-5)
 
 
 def test_scorecam_max_channels_keeps_the_highest_variance_channels():
