@@ -3,7 +3,6 @@ differences of the *original* model (an independent computation), plus batch and
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np

@@ -164,8 +164,12 @@ class Emitter:
 
     def zeros(self, shape: Tensor) -> Tensor:
         """A float zero tensor of the (1-D int64) ``shape``."""
-        value = helper.make_tensor("value", helper.np_dtype_to_tensor_dtype(self.float_dtype), [1], [0.0])
-        return self.op("ConstantOfShape", shape, value=value)
+        return self.full(shape, 0.0)
+
+    def full(self, shape: Tensor, value: float) -> Tensor:
+        """A float tensor of the (1-D int64) ``shape`` filled with ``value``."""
+        filler = helper.make_tensor("value", helper.np_dtype_to_tensor_dtype(self.float_dtype), [1], [value])
+        return self.op("ConstantOfShape", shape, value=filler)
 
     def range(self, start, limit, delta) -> Tensor:
         return self.op("Range", start, limit, delta)

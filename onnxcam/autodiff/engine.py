@@ -13,7 +13,7 @@ a rule table (:mod:`onnxcam.autodiff.rules`), and the engine only
 
 It never guesses: a gradient that reaches a node output its rule does not handle (the second
 output of LayerNormalization, say), or an input on the path for which the rule returns no
-gradient (a Conv weight computed from the image), is an :class:`UnsupportedOpError`, not a
+gradient, is an :class:`UnsupportedOpError`, not a
 silent zero.
 """
 

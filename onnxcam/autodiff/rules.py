@@ -16,13 +16,19 @@ Two generic recipes cover many ops at once:
   Tile, DepthToSpace, nearest Resize, ...): run the op on the element numbers
   ``1..n`` of the input, then scatter-add ``g`` back to the numbers that arrived;
 * :func:`window_adjoint`, for ops that sum over sliding windows (Conv, AveragePool, LpPool):
-  the adjoint is ConvTranspose with the begin pads only, cropped or padded to the input size.
+  the adjoint is ConvTranspose with the begin pads only, cropped or padded to the input size
+  (a stride-1 Conv's adjoint is a Conv with the flipped kernel instead, much faster on
+  onnxruntime's CPU provider: :func:`conv_input_grad`).
+
+Sizes known only at run time flow through the same formulas as :class:`Dim` values (int64
+tensors with integer arithmetic), so one rule serves static and dynamic shapes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import string
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,10 +157,74 @@ def unbroadcast(b: Emitter, grad: Tensor, like: gs.Tensor, out: gs.Tensor) -> Te
     return b.reshape(summed, b.shape(like))
 
 
-def spatial_pads(ctx: VJP, spatial_in: Sequence[int], kernel: Sequence[int],
-                 strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
-    """Explicit [begin..., end...] pads of a Conv or pool, resolving auto_pad
-    (SAME_UPPER puts the odd extra pad at the end, SAME_LOWER at the begin; VALID: none)."""
+class Dim:
+    """A size known only at run time (an int64 tensor of shape [1]) with the integer
+    arithmetic of the size formulas, so that one formula serves sizes known at build time
+    (plain ints, computed here) and sizes known at run time (emitted as nodes). ``//`` is
+    ONNX Div, which truncates: the formulas only divide non-negative sizes, where that is
+    the floor."""
+
+    def __init__(self, b: Emitter, tensor: Tensor):
+        self.b, self.tensor = b, tensor
+
+    def _emit(self, op: str, left: Size, right: Size) -> Dim:
+        return Dim(self.b, self.b.op(op, sizes_tensor(self.b, [left]), sizes_tensor(self.b, [right])))
+
+    def __add__(self, other: Size) -> Dim: return self._emit("Add", self, other)
+    def __radd__(self, other: Size) -> Dim: return self._emit("Add", other, self)
+    def __sub__(self, other: Size) -> Dim: return self._emit("Sub", self, other)
+    def __rsub__(self, other: Size) -> Dim: return self._emit("Sub", other, self)
+    def __mul__(self, other: Size) -> Dim: return self._emit("Mul", self, other)
+    def __rmul__(self, other: Size) -> Dim: return self._emit("Mul", other, self)
+    def __floordiv__(self, other: Size) -> Dim: return self._emit("Div", self, other)
+
+
+#: A size: an int when known at build time, a :class:`Dim` when known only at run time.
+Size = int | Dim
+
+
+def size_max(a: Size, c: Size) -> Size:
+    dim = a if isinstance(a, Dim) else c
+    if not isinstance(dim, Dim):
+        return max(a, c)
+    return Dim(dim.b, dim.b.op("Max", sizes_tensor(dim.b, [a]), sizes_tensor(dim.b, [c])))
+
+
+def all_known(sizes: Sequence[Size]) -> bool:
+    return not any(isinstance(s, Dim) for s in sizes)
+
+
+def sizes_tensor(b: Emitter, sizes: Sequence[Size]) -> Tensor:
+    """``sizes`` as an int64 vector: a constant when all are known at build time."""
+    if all_known(sizes):
+        return b.ints([int(s) for s in sizes])
+    parts = [s.tensor if isinstance(s, Dim) else b.ints([int(s)]) for s in sizes]
+    return parts[0] if len(parts) == 1 else b.concat(parts, axis=0)
+
+
+def axis_size(b: Emitter, tensor: gs.Tensor, axis: int) -> Size:
+    """The size of ``tensor`` along ``axis``: from its static shape, else read at run time."""
+    shape = static_shape(tensor)
+    if shape is None:
+        raise NotImplementedError(f"gradient needs the rank of '{tensor.name}'")
+    dim = shape[axis]
+    if isinstance(dim, (int, np.integer)) and dim >= 0:
+        return int(dim)
+    return Dim(b, b.shape(tensor, start=axis, end=axis + 1))
+
+
+def spatial_sizes(b: Emitter, tensor: gs.Tensor) -> list[Size]:
+    """Sizes of the spatial axes (2, 3, ...) of an N, C, spatial... tensor."""
+    return [axis_size(b, tensor, axis) for axis in range(2, rank_of(tensor, "spatial"))]
+
+
+def spatial_pads(ctx: VJP, spatial_in: Sequence[Size], kernel: Sequence[int],
+                 strides: Sequence[int], dilations: Sequence[int]) -> list[Size]:
+    """Explicit [begin..., end...] pads of a Conv or pool, resolving auto_pad: SAME makes
+    ``out = ceil(n/s)`` and pads ``total = max((out-1)*s + d*(k-1) + 1 - n, 0)``, the odd extra
+    pad at the end (SAME_UPPER) or the begin (SAME_LOWER); VALID: none. Pads of a size known
+    only at run time are :class:`Dim` sizes, except under stride 1, where out = n and the
+    total is d*(k-1) whatever n."""
     rank = len(kernel)
     auto_pad = ctx.attr("auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", ""):
@@ -163,8 +233,11 @@ def spatial_pads(ctx: VJP, spatial_in: Sequence[int], kernel: Sequence[int],
         return [0] * 2 * rank
     begins, ends = [], []
     for size, k, s, d in zip(spatial_in, kernel, strides, dilations):
-        out = -(-size // s)
-        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        if s == 1:
+            total = (k - 1) * d  # out = n: the same total whatever n (static pads)
+        else:
+            out = (size + s - 1) // s
+            total = size_max((out - 1) * s + (k - 1) * d + 1 - size, 0)
         small, large = total // 2, total - total // 2
         begins.append(small if auto_pad == "SAME_UPPER" else large)
         ends.append(large if auto_pad == "SAME_UPPER" else small)
@@ -200,27 +273,25 @@ def static_spatial(tensor: gs.Tensor) -> list[int] | None:
     return [int(d) for d in shape[2:]]
 
 
-def spatial_dims(ctx: VJP) -> tuple[list[int], list[int]]:
-    """Static spatial sizes of the node's first input and first output."""
-    in_spatial, out_spatial = static_spatial(ctx.x[0]), static_spatial(ctx.y[0])
-    if in_spatial is None or out_spatial is None:
-        raise NotImplementedError(f"{ctx.node.op} gradient needs static spatial shapes")
-    return in_spatial, out_spatial
-
-
 def window_adjoint(b: Emitter, grad: Tensor, weight, group: int, kernel: Sequence[int],
-                   strides: Sequence[int], dilations: Sequence[int], begins: Sequence[int],
+                   strides: Sequence[int], dilations: Sequence[int], begins: Sequence[Size],
                    x: gs.Tensor, y: gs.Tensor) -> Tensor:
     """Adjoint of a (grouped) sliding-window sum y[o] = sum_k w[k] x[o*s + k*d - begin]:
     ConvTranspose with the begin pads only, giving ``s*(o-1) + d*(k-1) + 1 - begin`` samples,
     then crop/zero-pad to the input size (``x``'s, read at run time when not static). Never
     ``output_shape``: it makes the spec ignore ``pads`` (the bug onnx-ad has on asymmetric
-    pads)."""
+    pads). Begin pads known only at run time (auto_pad SAME on a dynamic size) cannot be an
+    attribute: ConvTranspose then runs unpadded and a run-time Slice drops the first
+    ``begin`` samples."""
     rank = len(kernel)
+    static = all_known(begins)
     dx = b.op("ConvTranspose", grad, weight, group=group, strides=list(strides),
-              dilations=list(dilations), pads=list(begins) + [0] * rank)
+              dilations=list(dilations), pads=([int(p) for p in begins] if static else [0] * rank) + [0] * rank)
     in_spatial, out_spatial = static_spatial(x), static_spatial(y)
-    if in_spatial is None or out_spatial is None:
+    if not static:
+        dx = b.op("Slice", dx, sizes_tensor(b, begins), b.ints([np.iinfo(np.int64).max] * rank),
+                  b.ints(list(range(2, 2 + rank))))
+    if not static or in_spatial is None or out_spatial is None:
         return fit_spatial_like(b, dx, x, rank)
     produced = [s * (o - 1) + d * (k - 1) + 1 - p
                 for s, o, d, k, p in zip(strides, out_spatial, dilations, kernel, begins)]
@@ -228,16 +299,19 @@ def window_adjoint(b: Emitter, grad: Tensor, weight, group: int, kernel: Sequenc
 
 
 def window_geometry(ctx: VJP, kernel: Sequence[int] | None = None):
-    """kernel, strides, dilations and explicit pads of a Conv or pool node (auto_pad SAME
-    needs the static input size)."""
+    """kernel, strides, dilations and explicit pads of a Conv or pool node (auto_pad SAME on
+    an input size known only at run time gives :class:`Dim` pads)."""
     kernel = list(kernel if kernel is not None else ctx.attr("kernel_shape"))
     rank = len(kernel)
     strides = list(ctx.attr("strides", [1] * rank))
     dilations = list(ctx.attr("dilations", [1] * rank))
-    in_spatial = static_spatial(ctx.x[0])
-    if in_spatial is None and ctx.attr("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
-        raise NotImplementedError(f"{ctx.node.op} with auto_pad SAME needs a static input size")
-    pads = spatial_pads(ctx, in_spatial or [], kernel, strides, dilations)
+    same = ctx.attr("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER")
+    if same and any(d != 1 for d in dilations):
+        raise NotImplementedError(
+            f"{ctx.node.op} with auto_pad SAME and dilations: onnxruntime refuses it for Conv and pads "
+            "pools without the dilation, so its output size differs from the ONNX spec's")
+    in_spatial = spatial_sizes(ctx.b, ctx.x[0]) if same else []
+    pads = spatial_pads(ctx, in_spatial, kernel, strides, dilations)
     return kernel, strides, dilations, pads
 
 
@@ -649,22 +723,187 @@ def _bias_grad(ctx: VJP, index: int) -> Tensor | None:
     return ctx.b.reduce_sum(ctx.g, [0] + list(range(2, rank)), keepdims=False)
 
 
-def _no_weight_grad(ctx: VJP) -> None:
-    if ctx.needs(1):
-        raise NotImplementedError("gradient with respect to the weights (only inputs and biases)")
+_INT64_MAX, _INT64_MIN = int(np.iinfo(np.int64).max), int(np.iinfo(np.int64).min)
+
+
+def _lead_and_spatial(b: Emitter, lead: Sequence[int], like: gs.Tensor) -> Tensor:
+    """The shape ``lead + like.shape[2:]``: a constant when ``like``'s spatial dims are static,
+    else read at run time."""
+    spatial = static_spatial(like)
+    if spatial is not None:
+        return b.ints(list(lead) + spatial)
+    return b.concat([b.ints(list(lead)), b.shape(like, start=2)], axis=0)
+
+
+def _per_group(weight: gs.Tensor, source: gs.Tensor, group: int, what: str) -> int:
+    """Channels per group of a convolution's source: ``weight.shape[1]``, else C / group."""
+    for dims, divide in ((static_shape(weight), 1), (static_shape(source), group)):
+        if dims is not None and len(dims) > 1 and isinstance(dims[1], (int, np.integer)):
+            return int(dims[1]) // divide
+    raise NotImplementedError(f"{what} weight gradient with groups needs a static channel count")
+
+
+def conv_weight_grad(b: Emitter, source: Tensor, source_like: gs.Tensor, sink: Tensor, sink_like: gs.Tensor,
+                     group: int, per_group: int, kernel: Sequence[int], strides: Sequence[int],
+                     dilations: Sequence[int], pads: Sequence[Size]) -> Tensor:
+    """Weight gradient of a grouped convolution ``y = Conv(source, W)`` (W [M, C_g, K...],
+    strides s, dilations d, pads p) given ``sink`` = dL/dy, channels c = gamma*C_g + c' and
+    m = gamma*M_g + m' in group gamma::
+
+        dW[m, c', k] = sum_{n, o} sink[n, m, o] * source_pad[n, gamma*C_g + c', o*s + k*d]
+
+    That is itself a Conv over o with batch and channel axes swapped: input ``source`` as
+    [C_g, G*N, ...] (channel gamma*N + n), kernel ``sink`` as [M, N, ...], group G, strides d
+    and dilations s (swapped), the forward pads. Its K' = floor((n + p_b + p_e - s(o-1) - 1)/d)
+    + 1 >= K samples (the forward's o = floor((n + p_b + p_e - d(K-1) - 1)/s) + 1) are cropped
+    to K and the result transposed to [M, C_g, K...]. ``*_like`` carry the static shapes of
+    ``source`` and ``sink``; pads known only at run time are applied by a Pad before."""
+    rank = len(kernel)
+    spatial = list(range(2, 2 + rank))
+    if not all_known(pads):
+        source = b.pad(source, sizes_tensor(b, [0, 0] + list(pads[:rank]) + [0, 0] + list(pads[rank:])))
+        source_like, pads = source, [0] * 2 * rank  # (its sizes are read from it at run time)
+    if group == 1:
+        lhs = b.transpose(source, [1, 0] + spatial)
+    else:
+        split = b.reshape(source, [0, group, per_group, -1])  # [N, G, C_g, prod(space)]
+        lhs = b.reshape(b.transpose(split, [2, 1, 0, 3]), _lead_and_spatial(b, [per_group, -1], source_like))
+    dw = b.op("Conv", lhs, b.transpose(sink, [1, 0] + spatial), group=group, strides=list(dilations),
+              dilations=list(strides), pads=list(pads))
+    n_in, n_out = static_spatial(source_like), static_spatial(sink_like)
+    produced = None if n_in is None or n_out is None else [
+        (n + pb + pe - s * (o - 1) - 1) // d + 1
+        for n, o, pb, pe, s, d in zip(n_in, n_out, pads[:rank], pads[rank:], strides, dilations)]
+    if produced != list(kernel):
+        dw = b.slice(dw, [0] * rank, list(kernel), spatial)
+    return b.transpose(dw, [1, 0] + spatial)
+
+
+def _adjoint_kernel(ctx: VJP, group: int, rank: int) -> Tensor | None:
+    """Conv's weight W [M, C_g, K...] as the kernel of its adjoint, W'[gamma*C_g + c', m', k]
+    = W[gamma*M_g + m', c', K-1-k] ([C, M_g, K...]: transposed per group, flipped): folded
+    to a constant when W is one, emitted when W's shape is static, else None."""
+    b, weight, value = ctx.b, ctx.x[1], ctx.const_input(1)
+    dims = list(value.shape) if value is not None else known_dims(weight)
+    if dims is None:
+        return None
+    (m, cg), kernel = dims[:2], dims[2:]
+    grouped = [group, m // group, cg] + kernel
+    flat = [group * cg, m // group] + kernel
+    swap = [0, 2, 1] + list(range(3, 3 + rank))
+    if value is not None:
+        turned = value.reshape(grouped).transpose(swap).reshape(flat)
+        return b.const(np.ascontiguousarray(np.flip(turned, axis=tuple(range(2, 2 + rank)))))
+    turned = b.reshape(b.transpose(b.reshape(weight, grouped), swap), flat)
+    return b.slice(turned, [-1] * rank, [_INT64_MIN] * rank, list(range(2, 2 + rank)), [-1] * rank)
+
+
+def conv_input_grad(ctx: VJP, group: int, kernel: Sequence[int], strides: Sequence[int],
+                    dilations: Sequence[int], pads: Sequence[Size]) -> Tensor:
+    """Input gradient of a grouped Conv. With stride 1 it is a Conv again::
+
+        dx[i] = sum_k W[k] g[i + p_b - k*d] = sum_k W'[k] g_pad[i + k*d],  W' = W flipped
+
+    with the per-group transposed, flipped kernel of :func:`_adjoint_kernel` and pads
+    d(K-1) - p (begin and end): exactly n_in samples, no crop. A pad larger than d(K-1)
+    makes those g samples read nothing but padding: they are sliced off first. onnxruntime's
+    CPU Conv (GEMM, im2col, depthwise kernels) is much faster than the ConvTranspose (col2im)
+    of :func:`window_adjoint`, which remains for strides > 1 (and pads known only at run
+    time)."""
+    b, rank = ctx.b, len(kernel)
+    adjoint = _adjoint_kernel(ctx, group, rank) if all(s == 1 for s in strides) and all_known(pads) else None
+    if adjoint is None:
+        return window_adjoint(b, ctx.g, ctx.x[1], group, kernel, strides, dilations, pads[:rank],
+                              ctx.x[0], ctx.y[0])
+    margins = [d * (k - 1) - p for d, k, p in zip(list(dilations) * 2, list(kernel) * 2, pads)]
+    grad = ctx.g
+    if any(m < 0 for m in margins):
+        grad = b.slice(grad, [max(-m, 0) for m in margins[:rank]],
+                       [m if m < 0 else _INT64_MAX for m in margins[rank:]], list(range(2, 2 + rank)))
+    return b.op("Conv", grad, adjoint, group=group, dilations=list(dilations),
+                pads=[max(m, 0) for m in margins], kernel_shape=list(kernel))
 
 
 @rule("Conv")
 def _conv(ctx: VJP):
-    _no_weight_grad(ctx)
-    dx = None
-    if ctx.needs(0):
-        weight = ctx.x[1]
-        kernel, strides, dilations, pads = window_geometry(
-            ctx, ctx.attr("kernel_shape", (static_shape(weight) or [])[2:]))
-        dx = window_adjoint(ctx.b, ctx.g, weight, int(ctx.attr("group", 1)), kernel, strides,
-                            dilations, pads[:len(kernel)], ctx.x[0], ctx.y[0])
-    return [dx, None, _bias_grad(ctx, 2)]
+    """y = Conv(x, W) + B: dx by :func:`conv_input_grad`, dW by :func:`conv_weight_grad`
+    (weights computed from the input: dynamic/conditional convolutions), dB by
+    :func:`_bias_grad`."""
+    b, (x, weight), group = ctx.b, ctx.x[:2], int(ctx.attr("group", 1))
+    kernel, strides, dilations, pads = window_geometry(
+        ctx, ctx.attr("kernel_shape", (static_shape(weight) or [])[2:]))
+    if not kernel:
+        raise NotImplementedError("Conv gradient needs the kernel size (kernel_shape or a static weight)")
+    if not all_known(pads) and all(s == 1 for s in strides):
+        # auto_pad SAME at stride 1 pads d(k-1) in total whatever the size: any size gives them.
+        pads = spatial_pads(ctx, [1] * len(kernel), kernel, strides, dilations)
+    dx = conv_input_grad(ctx, group, kernel, strides, dilations, pads) if ctx.needs(0) else None
+    dw = None
+    if ctx.needs(1):
+        per_group = _per_group(weight, x, group, "Conv") if group > 1 else 0
+        dw = conv_weight_grad(b, x, x, ctx.g, ctx.y[0], group, per_group, kernel, strides, dilations, pads)
+    return [dx, dw, _bias_grad(ctx, 2)]
+
+
+def conv_transpose_geometry(ctx: VJP) -> tuple[list[int], list[int], list[int], list[Size]]:
+    """kernel, strides, dilations and the pads [begin..., end'...] that place g at offset
+    ``begin`` of y_full (length f = s(n-1) + d(k-1) + 1) for a ConvTranspose node: pads and
+    auto_pad/output_shape resolved as the spec and onnxruntime do (total = f + output_padding
+    - out, the odd extra at the end for SAME_UPPER, a negative total is 0 with zeros
+    appended), end' = max(f - begin - out, 0) pads g up to y_full's length."""
+    b = ctx.b
+    in_spatial, out_spatial = spatial_sizes(b, ctx.x[0]), spatial_sizes(b, ctx.y[0])
+    kernel = list(ctx.attr("kernel_shape", (static_shape(ctx.x[1]) or [])[2:]))
+    rank = len(kernel)
+    strides = list(ctx.attr("strides", [1] * rank))
+    dilations = list(ctx.attr("dilations", [1] * rank))
+    extra = list(ctx.attr("output_padding", [0] * rank))
+    full = [s * (n - 1) + d * (k - 1) + 1 for s, n, d, k in zip(strides, in_spatial, dilations, kernel)]
+    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    if ctx.attr("output_shape") is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        totals = [size_max(f + e - o, 0) for f, e, o in zip(full, extra, out_spatial)]
+        begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+    else:
+        begins = list(ctx.attr("pads", [0] * 2 * rank))[:rank]
+    ends = [size_max(f - p - o, 0) for f, p, o in zip(full, begins, out_spatial)]
+    return kernel, strides, dilations, begins + ends
+
+
+def _conv_transpose_weight_grad(ctx: VJP) -> Tensor | None:
+    """dW of y = ConvTranspose(x, W): by <g, ConvTranspose(x, W)> = <Conv(g_pad, W), x> (the
+    input-gradient identity), W is the kernel of a Conv from g (padded to y_full) to x, so
+    dW is :func:`conv_weight_grad` with source g and sink x::
+
+        dW[c, m', k] = sum_{n, i} x[n, c, i] * g_pad[n, gamma*M_g + m', i*s + k*d]
+    """
+    if not ctx.needs(1):
+        return None
+    group = int(ctx.attr("group", 1))
+    kernel, strides, dilations, pads = conv_transpose_geometry(ctx)
+    per_group = _per_group(ctx.x[1], ctx.y[0], group, "ConvTranspose") if group > 1 else 0
+    return conv_weight_grad(ctx.b, ctx.g, ctx.y[0], ctx.x[0], ctx.x[0], group, per_group, kernel,
+                            strides, dilations, pads)
+
+
+def _conv_transpose_input_grad(ctx: VJP) -> Tensor:
+    """dx = Conv(g, W, pads [begin, end']) cropped/padded to x (see :func:`_conv_transpose`).
+    Pads known only at run time cannot be attributes: g is zero-padded by a Pad node and the
+    Conv runs unpadded; its ``floor((begin + o + end' - d(k-1) - 1)/s) + 1`` samples are then
+    fitted to x's run-time size."""
+    b, weight = ctx.b, ctx.x[1]
+    kernel, strides, dilations, pads = conv_transpose_geometry(ctx)
+    rank = len(kernel)
+    conv = dict(group=int(ctx.attr("group", 1)), strides=strides, dilations=dilations, kernel_shape=kernel)
+    if not all_known(pads):
+        padded = b.pad(ctx.g, sizes_tensor(b, [0, 0] + pads[:rank] + [0, 0] + pads[rank:]))
+        return fit_spatial_like(b, b.op("Conv", padded, weight, **conv), ctx.x[0], rank)
+    dx = b.op("Conv", ctx.g, weight, pads=[int(p) for p in pads], **conv)
+    out_spatial, in_spatial = static_spatial(ctx.y[0]), static_spatial(ctx.x[0])
+    if out_spatial is None or in_spatial is None:
+        return fit_spatial_like(b, dx, ctx.x[0], rank)
+    produced = [(o + p + e - d * (k - 1) - 1) // s + 1 for o, p, e, d, k, s
+                in zip(out_spatial, pads[:rank], pads[rank:], dilations, kernel, strides)]
+    return fit_spatial(b, dx, produced, in_spatial)
 
 
 @rule("ConvTranspose")
@@ -672,33 +911,10 @@ def _conv_transpose(ctx: VJP):
     """y = crop(y_full, begin), y_full[i*s + k*d] += x[i] w[k] (length s(n-1) + d(k-1) + 1,
     plus output_padding). The adjoint correlates g placed at offset ``begin`` of y_full with
     w: a Conv with the same weight, group, strides, dilations and pads [begin, end'], where
-    end' pads g to y_full's length (a negative end' is cropped after)."""
-    _no_weight_grad(ctx)
-    dx = None
-    if ctx.needs(0):
-        b, weight = ctx.b, ctx.x[1]
-        in_spatial, out_spatial = spatial_dims(ctx)
-        kernel = list(ctx.attr("kernel_shape", (static_shape(weight) or [])[2:]))
-        rank = len(kernel)
-        strides = list(ctx.attr("strides", [1] * rank))
-        dilations = list(ctx.attr("dilations", [1] * rank))
-        extra = list(ctx.attr("output_padding", [0] * rank))
-        full = [s * (n - 1) + d * (k - 1) + 1 for s, n, d, k in zip(strides, in_spatial, dilations, kernel)]
-        auto_pad = ctx.attr("auto_pad", "NOTSET")
-        if ctx.attr("output_shape") is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            # Spec and onnxruntime: total = full + output_padding - out, SAME_UPPER puts the
-            # odd extra pad at the end; a negative total is 0 with zeros appended.
-            totals = [max(f + e - o, 0) for f, e, o in zip(full, extra, out_spatial)]
-            begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
-        else:
-            begins = list(ctx.attr("pads", [0] * 2 * rank))[:rank]
-        ends = [max(f - p - o, 0) for f, p, o in zip(full, begins, out_spatial)]
-        dx = b.op("Conv", ctx.g, weight, group=int(ctx.attr("group", 1)), strides=strides,
-                  dilations=dilations, pads=begins + ends, kernel_shape=kernel)
-        produced = [(o + p + e - d * (k - 1) - 1) // s + 1 for o, p, e, d, k, s
-                    in zip(out_spatial, begins, ends, dilations, kernel, strides)]
-        dx = fit_spatial(b, dx, produced, in_spatial)
-    return [dx, None, _bias_grad(ctx, 2)]
+    end' pads g to y_full's length (a negative end' is cropped after). dW: see
+    :func:`_conv_transpose_weight_grad`."""
+    dx = _conv_transpose_input_grad(ctx) if ctx.needs(0) else None
+    return [dx, _conv_transpose_weight_grad(ctx), _bias_grad(ctx, 2)]
 
 
 @rule("Gemm")
@@ -753,54 +969,125 @@ def _einsum_subscripts(equation: str) -> tuple[list[list[str]], list[str]]:
     return terms, ellipsis + sorted(c for c in set(letters) if letters.count(c) == 1)
 
 
-def _same_ellipsis(ctx: VJP, terms: list[list[str]]) -> None:
-    """The dims "..." stands for must be the same in every operand: a gradient through an
-    ellipsis broadcast would also need summing over the broadcast dims (not done)."""
-    covered = []
+def _einsum_explicit(ctx: VJP, terms: list[list[str]], out: list[str]
+                     ) -> tuple[list[list[str]], list[str], Iterator[str]]:
+    """The equation with every "..." spelled out in unused letters, so that a gradient never
+    has to broadcast through an ellipsis, and the letters still unused.
+
+    The ellipsis dims of the operands are right-aligned, as broadcasting aligns them. A
+    position where all of them are the same dim gets one letter; a dim 1 there that others
+    broadcast (a different, or unknown, size) gets a letter of its own, used by no other
+    operand: the forward sum over it is trivial, and in the gradient the broadcast letter is
+    summed away by the einsum itself, y = sum over the broadcast dims of what that operand
+    fed. Sizes unknown at build time are taken to be equal (onnxruntime's shape check
+    rejects unequal ellipsis dims other than 1 when they are known)."""
+    used = {t for term in terms + [out] for t in term}
+    free = iter([c for c in string.ascii_letters if c not in used])
+    spans: list[list | None] = []
     for term, tensor in zip(terms, ctx.x):
-        if "..." in term:
-            shape = static_shape(tensor)
-            if shape is None:
-                raise NotImplementedError("Einsum with '...' needs known ranks")
-            start = term.index("...")
-            covered.append(tuple(shape[start:start + len(shape) - len(term) + 1]))
-    if len(set(covered)) > 1:
-        raise NotImplementedError(f"Einsum broadcasting through '...' ({' vs '.join(map(str, covered))})")
+        if "..." not in term:
+            spans.append(None)
+            continue
+        start, rank = term.index("..."), rank_of(tensor, "Einsum with '...'")
+        spans.append(list(static_shape(tensor)[start:start + rank - len(term) + 1]))
+    width = max((len(span) for span in spans if span is not None), default=0)
+    try:
+        shared = [next(free) for _ in range(width)]
+        at = [[span[p - width + len(span)] for span in spans if span is not None and p >= width - len(span)]
+              for p in range(width)]
+        explicit = []
+        for term, span in zip(terms, spans):
+            letters = []
+            for p, dim in enumerate(span or []):
+                position = width - len(span) + p
+                broadcast = dim == 1 and any(other != 1 for other in at[position])
+                letters.append(next(free) if broadcast else shared[position])
+            explicit.append(_spell_ellipsis(term, letters))
+    except StopIteration:
+        raise NotImplementedError("Einsum gradient: too many subscripts to spell out '...'") from None
+    return explicit, _spell_ellipsis(out, shared), free
+
+
+def _spell_ellipsis(term: list[str], letters: list[str]) -> list[str]:
+    if "..." not in term:
+        return term
+    at = term.index("...")
+    return term[:at] + letters + term[at + 1:]
+
+
+def _letter_size(b: Emitter, tensor: gs.Tensor, axis: int) -> Tensor:
+    """The size of ``tensor`` along ``axis`` as an int64 vector [n] (constant when static)."""
+    dims = static_shape(tensor)
+    dim = dims[axis] if dims is not None else None
+    if isinstance(dim, (int, np.integer)) and dim >= 0:
+        return b.ints([int(dim)])
+    return b.shape(tensor, start=axis, end=axis + 1)
+
+
+def _einsum_embed(b: Emitter, grad: Tensor, kept: list[str], term: list[str], x: gs.Tensor,
+                  free: Iterator[str]) -> Tensor:
+    """The gradient over the letters ``kept`` (each once) placed into ``x``'s layout ``term``:
+    letters of ``term`` missing from ``kept`` (summed away by the forward) are broadcast
+    with ones vectors 1[l]; a letter repeated in ``term`` (a diagonal, "ii", "bii") gets a
+    fresh letter per extra occurrence tied to the first by an identity, so g lands on the
+    diagonal and zeros elsewhere::
+
+        dx[t relabeled] = einsum(grad[kept], I[l, l'] ..., 1[u] ... -> t relabeled)
+    """
+    if kept == term:
+        return grad
+    operands, subscripts, relabeled, first = [grad], ["".join(kept)], [], set()
+    for axis, letter in enumerate(term):
+        if letter in first:
+            fresh = next(free, None)
+            if fresh is None:
+                raise NotImplementedError("Einsum gradient: too many subscripts for a diagonal")
+            operands.append(_identity_matrix(b, x, axis))
+            subscripts.append(letter + fresh)
+            relabeled.append(fresh)
+            continue
+        first.add(letter)
+        relabeled.append(letter)
+        if letter not in kept and term.count(letter) == 1:  # (an identity carries a repeated one)
+            operands.append(b.expand(b.const(np.float32(1.0)), _letter_size(b, x, axis)))
+            subscripts.append(letter)
+    return b.einsum(",".join(subscripts) + "->" + "".join(relabeled), *operands)
+
+
+def _identity_matrix(b: Emitter, x: gs.Tensor, axis: int) -> Tensor:
+    """I[n, n], n = the size of ``x`` along ``axis`` (a constant when static)."""
+    dims = static_shape(x)
+    dim = dims[axis] if dims is not None else None
+    if isinstance(dim, (int, np.integer)) and dim >= 0:
+        return b.const(np.eye(int(dim)))
+    size = _letter_size(b, x, axis)
+    return b.op("EyeLike", b.expand(b.const(np.float32(0.0)), b.concat([size, size], axis=0)))
 
 
 @rule("Einsum")
 def _einsum(ctx: VJP):
-    """Einsum is linear in each operand: d operand_i = einsum(g, other operands ->
-    subscripts_i). Subscripts of operand i found nowhere else were summed away; they are
-    restored by Unsqueeze + Expand. Not handled: diagonals (a repeated subscript) and
-    broadcasting through "..." (refused, see :func:`_same_ellipsis`)."""
+    """Einsum is linear in each operand: with "..." spelled out in letters
+    (:func:`_einsum_explicit`), d operand_i = einsum(g, other operands -> the letters of
+    operand i that occur in g or another operand, each once), then placed into operand i's
+    layout by :func:`_einsum_embed` (summed-away letters broadcast back, repeated letters on
+    the diagonal). Broadcasting through "..." needs no unbroadcast: a dim 1 that others
+    broadcast has a letter of its own, and the broadcast letter is summed by the einsum."""
     b = ctx.b
     terms, out = _einsum_subscripts(ctx.attr("equation"))
-    _same_ellipsis(ctx, terms)
+    terms, out, free = _einsum_explicit(ctx, terms, out)
     join = "".join
     grads: list[Tensor | None] = []
     for i, term in enumerate(terms):
         if not ctx.needs(i):
             grads.append(None)
             continue
-        if len(set(term)) != len(term):
-            raise NotImplementedError("Einsum with a repeated subscript in one operand")
         others = [t for j, t in enumerate(terms) if j != i]
         seen = set(out).union(*others)
-        kept = [t for t in term if t in seen]
+        kept = [t for t in dict.fromkeys(term) if t in seen]
         equation = ",".join(join(t) for t in [out] + others) + "->" + join(kept)
-        grad = b.einsum(equation, ctx.g, *[x for j, x in enumerate(ctx.x) if j != i])
-        if len(kept) < len(term):
-            rank = rank_of(ctx.x[i], "Einsum")
-            dots = rank - len([t for t in term if t != "..."])
-            axes, position = [], 0
-            for token in term:
-                width = dots if token == "..." else 1
-                if token not in seen:
-                    axes.extend(range(position, position + width))
-                position += width
-            grad = b.expand(b.unsqueeze(grad, axes), b.shape(ctx.x[i]))
-        grads.append(grad)
+        grad = ctx.g if not others and kept == out else \
+            b.einsum(equation, ctx.g, *[x for j, x in enumerate(ctx.x) if j != i])
+        grads.append(_einsum_embed(b, grad, kept, term, ctx.x[i], free))
     return grads
 
 
@@ -825,33 +1112,30 @@ def _global_max_pool(ctx: VJP):
     return [b.mul(ctx.g, ties_mask(b, x, y, spatial))]
 
 
-def _window_counts(ctx: VJP, x_shape: Sequence[int], y_shape: Sequence[int]) -> np.ndarray:
-    """How many elements each AveragePool window divides by, as onnxruntime computes it."""
+def _window_counts(ctx: VJP) -> Tensor:
+    """How many elements each AveragePool window divides by, as onnxruntime counts them: the
+    taps inside the input (count_include_pad=0), or inside the input and its explicit pads
+    (count_include_pad=1; a ceil_mode window's overhang past the end pad never counts). That
+    is the window sum of a ones map padded with count_include_pad over the pads,
+    ``c = crop_y(Conv(Pad(1, pads, value=count_include_pad), ones_k))``, the Conv zero-padding
+    s-1 more at the end so that the last windows ceil_mode adds exist; built in the graph
+    from the run-time sizes (a constant subgraph onnxruntime folds when they are static)."""
+    b, x, y = ctx.b, ctx.x[0], ctx.y[0]
     kernel, strides, dilations, pads = window_geometry(ctx)
     rank = len(kernel)
-    include_pad = int(ctx.attr("count_include_pad", 0))
-    per_axis = []
-    for axis in range(rank):
-        size, out = x_shape[2 + axis], y_shape[2 + axis]
-        begin, end = pads[axis], pads[rank + axis]
-        counts = np.empty(out)
-        for o in range(out):
-            start = o * strides[axis] - begin
-            taps = start + dilations[axis] * np.arange(kernel[axis])
-            lo, hi = (-begin, size + end) if include_pad else (0, size)
-            counts[o] = np.count_nonzero((taps >= lo) & (taps < hi))
-        per_axis.append(counts)
-    grid = per_axis[0]
-    for counts in per_axis[1:]:
-        grid = np.multiply.outer(grid, counts)
-    return grid
+    ones = b.full(sizes_tensor(b, [1, 1] + spatial_sizes(b, x)), 1.0)
+    include = float(ctx.attr("count_include_pad", 0))
+    padded = b.op("Pad", ones, sizes_tensor(b, [0, 0] + pads[:rank] + [0, 0] + pads[rank:]), b.const(include))
+    counts = b.op("Conv", padded, b.const(np.ones([1, 1] + kernel)), kernel_shape=kernel, strides=strides,
+                  dilations=dilations, pads=[0] * rank + [s - 1 for s in strides])
+    return b.op("Slice", counts, b.ints([0] * rank), sizes_tensor(b, spatial_sizes(b, y)),
+                b.ints(list(range(2, 2 + rank))))
 
 
 @rule("AveragePool")
 def _average_pool(ctx: VJP):
-    x_spatial, y_spatial = spatial_dims(ctx)
-    counts = _window_counts(ctx, [0, 0] + x_spatial, [0, 0] + y_spatial)
-    return [window_sum_adjoint(ctx, ctx.b.div(ctx.g, ctx.b.const(counts)))]
+    """y = S(x) / c, S the window sum and c each window's count: dx = S^T(g / c)."""
+    return [window_sum_adjoint(ctx, ctx.b.div(ctx.g, _window_counts(ctx)))]
 
 
 @rule("LpPool")
@@ -1023,63 +1307,78 @@ def _pad(ctx: VJP):
 def _resize(ctx: VJP):
     """Nearest: an element mover. Linear and cubic are separable linear maps: along each
     resized axis y = W x, so dx = W^T g, with W read off the same Resize run on an identity
-    basis (so it matches onnxruntime's coordinate conventions exactly)."""
+    basis (so it matches onnxruntime's coordinate conventions exactly): eye(n_in), a constant
+    when n_in is known at build time, else built at run time (EyeLike)."""
     if ctx.attr("mode", "nearest") == "nearest":
         return [move_elements(ctx, numbers=np.int32)]  # onnxruntime's Resize has no int64 kernel
-    b, x, y = ctx.b, ctx.x[0], ctx.y[0]
-    x_dims, y_dims = known_dims(x), known_dims(y)
-    if x_dims is None or y_dims is None:
-        raise NotImplementedError("linear/cubic Resize gradient needs static shapes")
+    rank = rank_of(ctx.x[0], "Resize")
     if ctx.attr("coordinate_transformation_mode") == "tf_crop_and_resize" or \
             ctx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise NotImplementedError("Resize with tf_crop_and_resize or a keep_aspect_ratio_policy")
-    scales = _resize_scales(ctx, len(x_dims))
-    resized = [a for a, (i, o) in enumerate(zip(x_dims, y_dims))
-               if i != o or (scales is not None and scales[a] != 1)]
-    spare = [a for a in range(len(x_dims)) if a not in resized]
-    if not spare:
-        raise NotImplementedError("Resize of every axis (no axis left to hold the basis)")
+    if rank < 2:
+        raise NotImplementedError("linear/cubic Resize of a 1-D tensor (no second axis to hold the basis)")
+    scales = _resize_scales(ctx, rank)
     grad = ctx.g
-    for axis in resized:
-        matrix = _resize_matrix(ctx, axis, spare[0], x_dims, y_dims, scales)
-        grad = _along_axis(b, matrix, grad, axis, len(x_dims))
+    for axis in _resized_axes(ctx, rank, scales):
+        grad = _along_axis(ctx.b, _resize_matrix(ctx, axis, scales), grad, axis, rank)
     return [grad]
 
 
 def _resize_scales(ctx: VJP, rank: int) -> np.ndarray | None:
-    """Full-rank constant scales, or None when the Resize is driven by sizes."""
+    """Full-rank constant scales, or None when the Resize is driven by sizes (constant or
+    computed at run time)."""
     sizes = ctx.const_input(3)
-    if sizes is not None and sizes.size:
+    if ctx.has_input(3) and (sizes is None or sizes.size):
         return None
     scales = ctx.const_input(2)
     if scales is None:
-        raise NotImplementedError("Resize with computed scales/sizes")
+        raise NotImplementedError("linear/cubic Resize with scales computed at run time "
+                                  "(constant scales, or sizes, are supported)")
     full = np.ones(rank, np.float32)
     axes = ctx.attr("axes")
     full[[a % rank for a in axes] if axes is not None else list(range(rank))] = scales
     return full
 
 
-def _resize_matrix(ctx: VJP, axis: int, spare: int, x_dims, y_dims, scales) -> Tensor:
+def _resized_axes(ctx: VJP, rank: int, scales: np.ndarray | None) -> list[int]:
+    """Axes the Resize changes: those with scale != 1 (a scale near 1 resamples even where the
+    size stays), or, driven by sizes, every axis whose input and output sizes are not known
+    to be equal (equal sizes mean scale 1: the identity)."""
+    if scales is not None:
+        return [a for a in range(rank) if scales[a] != 1]
+    before = static_shape(ctx.x[0])
+    after = static_shape(ctx.y[0]) or [None] * rank
+    known = [d is not None and not (isinstance(d, (int, np.integer)) and d < 0) for d in before]
+    return [a for a in range(rank) if not (known[a] and before[a] == after[a])]
+
+
+def _resize_matrix(ctx: VJP, axis: int, scales: np.ndarray | None) -> Tensor:
     """W^T [n_in, n_out] of the Resize along ``axis``: the op applied to eye(n_in) laid out on
-    (spare, axis), every other axis of size 1."""
-    b, rank = ctx.b, len(x_dims)
-    n_in, n_out = x_dims[axis], y_dims[axis]
-    shape = [1] * rank
-    shape[axis] = shape[spare] = n_in
-    basis = b.const(np.eye(n_in).reshape(shape))
+    (spare, axis), every other axis of size 1, with scale 1 (or its size kept) on ``spare``,
+    any other axis."""
+    b, x, y = ctx.b, ctx.x[0], ctx.y[0]
+    rank = rank_of(x, "Resize")
+    spare = 1 if axis == 0 else 0
+    others = [a for a in range(rank) if a not in (spare, axis)]
+    n_in = axis_size(b, x, axis)
+    if isinstance(n_in, Dim):
+        eye = b.op("EyeLike", b.zeros(sizes_tensor(b, [n_in, n_in])))
+        basis = b.unsqueeze(eye, others) if others else eye
+    else:
+        shape = [1] * rank
+        shape[axis] = shape[spare] = n_in
+        basis = b.const(np.eye(n_in).reshape(shape))
     attrs = {k: v for k, v in ctx.node.attrs.items() if k not in ("axes", "keep_aspect_ratio_policy")}
     if scales is not None:
         axis_scales = np.ones(rank, np.float32)
         axis_scales[axis] = scales[axis]
         out = b.op("Resize", basis, None, b.const(axis_scales, np.float32), **attrs)
     else:
-        sizes = list(shape)
-        sizes[axis] = n_out
-        out = b.op("Resize", basis, None, None, b.ints(sizes), **attrs)
-    if spare < axis:
-        return b.reshape(out, [n_in, n_out])
-    return b.transpose(b.reshape(out, [n_out, n_in]), [1, 0])
+        sizes: list[Size] = [1] * rank
+        sizes[spare], sizes[axis] = n_in, axis_size(b, y, axis)
+        out = b.op("Resize", basis, None, None, sizes_tensor(b, sizes), **attrs)
+    matrix = b.squeeze(out, others) if others else out  # [n_in, n_out] or [n_out, n_in]
+    return matrix if spare < axis else b.transpose(matrix, [1, 0])
 
 
 def _along_axis(b: Emitter, matrix: Tensor, grad: Tensor, axis: int, rank: int) -> Tensor:
