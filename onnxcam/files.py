@@ -22,8 +22,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
+        os.chmod(temporary, _mode_for_new_files())  # mkstemp's 0600 would hide the file from others
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _mode_for_new_files() -> int:
+    """What ``open()`` would give a new file: 0666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

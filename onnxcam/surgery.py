@@ -384,7 +384,8 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> onnx.ModelPro
     Every data input (``input_name``, the seed, a head's frontier) and output gets the
     symbolic batch. Reshape targets that spell the batch as a literal 1 become 0 ("copy the
     input's dim"), which is right when the Reshape keeps the batch as its first axis; the
-    caller verifies.
+    caller verifies. Only Reshapes of batched data are touched: a Reshape of a weight (the
+    gradient graph reshapes kernels to [1, M, C, k, k]) has no batch, and its 1 stays.
     """
     dynamic = onnx.ModelProto()
     dynamic.CopyFrom(model)
@@ -398,17 +399,23 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> onnx.ModelPro
                 dims[0].dim_param = BATCH_SYMBOL
     del graph.value_info[:]
     initializers = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2:
+    live, renamed = set(batched), {}
+    for node in graph.node:  # topological order: ``live`` holds what depends on batched data
+        if any(name in live for name in node.input):
+            live.update(node.output)
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[0] not in live:
             continue
         target = initializers.get(node.input[1])
         if target is None:
             continue
         values = onnx.numpy_helper.to_array(target)
         if values.ndim == 1 and values.size > 1 and values[0] == 1:
-            fixed = values.copy()
-            fixed[0] = 0
-            target.CopyFrom(onnx.numpy_helper.from_array(fixed, target.name))
+            if target.name not in renamed:  # a fresh initializer: others may share this one
+                fixed = values.copy()
+                fixed[0] = 0
+                renamed[target.name] = f"{target.name}/batch"
+                graph.initializer.append(onnx.numpy_helper.from_array(fixed, renamed[target.name]))
+            node.input[1] = renamed[target.name]
     return dynamic
 
 

@@ -170,3 +170,16 @@ def test_explanations_on_the_large_model_path_equal_the_plain_path(big_path, mon
     for method, explanation in big.items():
         plain = Explainer(conv_classifier(), cache=False).explain(x, method)
         np.testing.assert_allclose(explanation.heatmaps, plain.heatmaps, atol=1e-6, err_msg=method)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result must still be readable
+    like any file the user creates (0666 less the umask), not 0600."""
+    from onnxcam.files import atomic_write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "out.bin", b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644

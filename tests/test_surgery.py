@@ -156,3 +156,24 @@ def test_every_op_without_a_rule_is_named():
     assert info.value.nodes == [(op, "odd_tail")]
     assert op in str(info.value) and "odd_tail" in str(info.value)
     assert "layer 'tail'" in str(info.value)  # the API user also learns which layer works
+
+
+def test_batch_dynamic_rewrites_only_reshapes_of_batched_data():
+    """A Reshape whose target spells the batch as 1 becomes 0 (copy the batch); a Reshape of a
+    weight with a leading 1 (the gradient graph reshapes kernels so) must keep it."""
+    from onnx import TensorProto, helper
+
+    from onnxcam.surgery import make_batch_dynamic
+
+    shape = numpy_helper.from_array(np.array([1, 4, 3], np.int64), "shape")
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "weight")
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["xr"]),
+             helper.make_node("Reshape", ["weight", "shape"], ["wr"]),
+             helper.make_node("Add", ["xr", "wr"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])], [shape, weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    dynamic = make_batch_dynamic(model, "x")
+    session = ort.InferenceSession(dynamic.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x.reshape(3, 4, 3) + 1.0)

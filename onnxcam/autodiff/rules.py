@@ -781,8 +781,10 @@ def conv_weight_grad(b: Emitter, source: Tensor, source_like: gs.Tensor, sink: T
 
 def _adjoint_kernel(ctx: VJP, group: int, rank: int) -> Tensor | None:
     """Conv's weight W [M, C_g, K...] as the kernel of its adjoint, W'[gamma*C_g + c', m', k]
-    = W[gamma*M_g + m', c', K-1-k] ([C, M_g, K...]: transposed per group, flipped): folded
-    to a constant when W is one, emitted when W's shape is static, else None."""
+    = W[gamma*M_g + m', c', K-1-k] ([C, M_g, K...]: transposed per group, flipped), or None
+    when W's shape is not static. Emitted as nodes even when W is a constant: onnxruntime
+    folds them when the session loads, and the model file keeps one copy of the weights
+    (a folded constant would double the size of every rewritten model)."""
     b, weight, value = ctx.b, ctx.x[1], ctx.const_input(1)
     dims = list(value.shape) if value is not None else known_dims(weight)
     if dims is None:
@@ -791,10 +793,12 @@ def _adjoint_kernel(ctx: VJP, group: int, rank: int) -> Tensor | None:
     grouped = [group, m // group, cg] + kernel
     flat = [group * cg, m // group] + kernel
     swap = [0, 2, 1] + list(range(3, 3 + rank))
-    if value is not None:
-        turned = value.reshape(grouped).transpose(swap).reshape(flat)
-        return b.const(np.ascontiguousarray(np.flip(turned, axis=tuple(range(2, 2 + rank)))))
-    turned = b.reshape(b.transpose(b.reshape(weight, grouped), swap), flat)
+    if group == 1:
+        turned = b.transpose(weight, [1, 0] + list(range(2, 2 + rank)))
+    else:
+        turned = b.reshape(b.transpose(b.reshape(weight, grouped), swap), flat)
+    if all(k == 1 for k in kernel):
+        return turned  # nothing to flip
     return b.slice(turned, [-1] * rank, [_INT64_MIN] * rank, list(range(2, 2 + rank)), [-1] * rank)
 
 
