@@ -12,14 +12,16 @@ The package follows the data's way:
     pixel.py       pixel-space maps: saliency, SmoothGrad, guided backprop, integrated gradients
     images.py      images in; visualize.py maps out; metrics.py how maps agree with boxes
     explainer.py   the Python API; cli.py the command line; demo.py the bundled demo
+    export.py      self-explaining models: heatmap computed in the exported ONNX graph
 """
 
 from .errors import ImageError, LayerError, ModelError, OnnxcamError, TargetError, UnsupportedOpError
 from .explainer import ChannelImportance, Explainer, Explanation, Options
+from .export import export_explained, save_explained
 from .images import Preprocess, load_image
 from .methods import METHODS
 from .model import Layer
 
 __version__ = "0.1.0"
-__all__ = ["ChannelImportance", "Explainer", "Explanation", "Options", "Layer", "METHODS", "Preprocess", "load_image", "ImageError",
+__all__ = ["ChannelImportance", "Explainer", "Explanation", "Options", "export_explained", "save_explained", "Layer", "METHODS", "Preprocess", "load_image", "ImageError",
            "LayerError", "ModelError", "OnnxcamError", "TargetError", "UnsupportedOpError"]

@@ -16,6 +16,7 @@ import typer
 
 from .errors import OnnxcamError, TargetError
 from .explainer import Explainer
+from .export import export_explained, exportable_methods, save_explained
 from .images import load_image, load_labels
 from .methods import METHODS
 from .files import atomic_write_bytes
@@ -261,6 +262,33 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32))
     return buffer.getvalue()
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Argument(help="ONNX classifier")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="the self-explaining model to write (.onnx)")],
+    method: Annotated[str, typer.Option("-m", "--method", help=f"one of: {', '.join(exportable_methods())}")] = "gradcam",
+    layer: Annotated[Optional[str], typer.Option("-l", "--layer", help="tensor to explain (default: the last spatial one)")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
+    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
+) -> None:
+    """Write a model that onnxruntime runs to get the logits and the heatmap (input 'target',
+    outputs 'heatmap', 'target_class'); no onnxcam needed to run it."""
+    try:
+        exported = export_explained(model, method, layer=layer, output=output, input_size=size)
+    except OnnxcamError as exc:
+        fail(str(exc))
+        return
+    try:
+        save_explained(exported, out)  # atomic: a failed write leaves no file
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+        return
+    meta = {p.key: p.value for p in exported.metadata_props}
+    typer.echo(f"wrote {out}: {meta['onnxcam.method']} at layer {meta['onnxcam.layer']}; "
+               f"inputs {', '.join(i.name for i in exported.graph.input)}; "
+               f"outputs {', '.join(o.name for o in exported.graph.output)}")
 
 
 @app.command()
