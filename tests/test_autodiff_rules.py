@@ -606,9 +606,13 @@ def test_what_stays_unsupported_is_refused_with_its_reason(op, args, attrs, opse
 
 # -- the tests --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("optimization", [ENABLE_ALL, DISABLE_ALL], ids=["opt", "noopt"])
 @pytest.mark.parametrize("op, args, attrs, options", CASES)
-def test_rule_matches_finite_differences(op, args, attrs, options):
+def test_rule_matches_finite_differences(op, args, attrs, options, optimization):
+    """Every case at onnxruntime's full optimization (what onnxcam runs) and with graph
+    optimization disabled: fusions and layout changes must not change the gradient."""
     options = dict(options)
+    options.setdefault("optimization", optimization)
     opset = options.pop("opset", 13)
     nodes = options.pop("nodes", None)
     if nodes is not None:
