@@ -111,10 +111,22 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
     raw = np.fromfile(str(path), dtype=np.uint8)  # imdecode also handles non-ASCII paths
-    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    image = _quiet_decode(raw) if raw.size else None
     if image is None:
         raise ImageError(f"{path}: cannot be decoded as an image (jpg, png, bmp, tiff, webp, ...)")
     return to_rgb(image)
+
+
+def _quiet_decode(raw: np.ndarray) -> np.ndarray | None:
+    """``cv2.imdecode`` without OpenCV's own log line on a bad file: the caller reports it,
+    naming the file, in one line."""
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+    try:
+        return cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    finally:
+        logging.setLogLevel(level)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:

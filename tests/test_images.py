@@ -46,6 +46,15 @@ def test_unreadable_files_are_image_errors(tmp_path):
         load_image(tmp_path / "empty.jpg")
 
 
+def test_a_truncated_image_is_one_error_and_no_opencv_log(tmp_path, capfd):
+    """OpenCV logs its own line (to the C-level stderr) on a broken header; onnxcam reports
+    the file itself, so that line is silenced."""
+    (tmp_path / "cut.gif").write_bytes(b"GIF89a")
+    with pytest.raises(ImageError, match="cut.gif: cannot be decoded"):
+        load_image(tmp_path / "cut.gif")
+    assert capfd.readouterr().err == ""
+
+
 def test_presets_follow_their_definitions():
     image = np.full((2, 2, 3), RGB, np.float32)
     inception = make_preprocess("inception", "NCHW", (2, 2))([image])
