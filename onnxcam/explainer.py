@@ -145,12 +145,14 @@ class Explainer:
     the default (the last spatial activation before the logits); ``provider`` "auto", "cpu"
     or "cuda"; ``output`` which output to explain when there are several; ``batch_size`` how
     many inputs go through onnxruntime at once; ``input_size`` (H, W) pins the input size of
-    models exported with a dynamic one (gradient rules and the cache work on fixed sizes).
+    models exported with a dynamic one (gradient rules and the cache work on fixed sizes);
+    ``threads`` the intra-op threads of every onnxruntime session (0: onnxruntime's default,
+    one per core).
     """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | Sequence[str] | None = None,
                  provider: str = "auto", output: str | None = None, cache: bool = True,
-                 batch_size: int = 16, input_size: tuple[int, int] | None = None):
+                 batch_size: int = 16, input_size: tuple[int, int] | None = None, threads: int = 0):
         if isinstance(model, onnx.ModelProto):
             self.source, proto = "<model>", model
         else:
@@ -170,6 +172,7 @@ class Explainer:
         self.provider_requested = provider
         self.cache = cache
         self.batch_size = max(1, int(batch_size))
+        self.threads = max(0, int(threads))
         self._sessions: dict[RewriteRequest, tuple[Rewritten, Session]] = {}
         self._frontiers: dict[str, tuple[str, ...] | LayerError] = {}
         self._linear_heads: dict[str, np.ndarray] = {}
@@ -213,7 +216,8 @@ class Explainer:
                 rewritten, _ = cached_rewrite(self._proto, request, self.source)
             else:
                 rewritten = rewrite(self._proto, request, self.source)
-            self._sessions[request] = (rewritten, Session(rewritten.model, self.provider_requested))
+            self._sessions[request] = (rewritten, Session(rewritten.model, self.provider_requested,
+                                                          threads=self.threads))
         return self._sessions[request]
 
     def prepared(self, input_gradient: bool = False, relu: str = "plain") -> tuple[Rewritten, Session]:

@@ -60,7 +60,7 @@ def gradcam_plus_plus_weights(A: np.ndarray, G: np.ndarray) -> np.ndarray:
     pytorch-grad-cam): :math:`\alpha = G^2 / (2G^2 + \sum_{ab} A_k \cdot G^3 + 10^{-6})`
     (0 where G = 0), :math:`w_k = \sum_{ij} \mathrm{relu}(G)\,\alpha`."""
     g2 = G ** 2
-    denominator = 2 * g2 + A.sum(axis=(2, 3), keepdims=True) * G ** 3 + 1e-6
+    denominator = 2 * g2 + A.sum(axis=(2, 3), keepdims=True) * (g2 * G) + 1e-6  # g2*G: numpy's float32 G**3 is ~500x slower
     alpha = np.where(G != 0, g2 / np.where(G != 0, denominator, 1.0), 0.0)
     return (np.maximum(G, 0) * alpha).sum(axis=(2, 3))
 
