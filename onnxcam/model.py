@@ -234,6 +234,15 @@ class ModelGraph:
             self.value_info[vi.name] = vi
         if not self.inputs:
             raise ModelError(f"{source}: the graph has no data input")
+        if len(self.inputs) > 1:
+            names = ", ".join(f"'{i.name}'" for i in self.inputs)
+            raise ModelError(f"{source}: the model needs {len(self.inputs)} inputs ({names}); onnxcam explains "
+                             "classifiers with one image input: export it with the others fixed as constants")
+        kind = self.inputs[0].type.tensor_type.elem_type
+        if kind != onnx.TensorProto.FLOAT:
+            raise ModelError(f"{source}: input '{self.inputs[0].name}' is "
+                             f"{onnx.TensorProto.DataType.Name(kind).lower()}; onnxcam feeds float32 images "
+                             "(export the model with a float32 input; a Cast inside the graph is fine)")
         self.layouts = self._propagate_layouts()
 
     # -- basic facts ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx
 import pytest
 
 from onnxcam.errors import LayerError, ModelError
@@ -69,3 +70,17 @@ def test_load_model_errors_name_the_file(tmp_path, content, message):
     with pytest.raises(ModelError, match=message) as info:
         load_model(path)
     assert str(path) in str(info.value)
+
+
+def test_models_with_several_inputs_are_refused_by_name():
+    model = conv_classifier()
+    model.graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1, 5]))
+    with pytest.raises(ModelError, match=r"needs 2 inputs \('input', 'extra'\)"):
+        ModelGraph(model, "two.onnx")
+
+
+def test_a_non_float_image_input_is_refused_with_what_to_do():
+    model = conv_classifier()
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    with pytest.raises(ModelError, match="input 'input' is uint8; onnxcam feeds float32"):
+        ModelGraph(model, "u8.onnx")
