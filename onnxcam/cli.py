@@ -16,8 +16,9 @@ import typer
 
 from .errors import OnnxcamError, TargetError
 from .explainer import Explainer
+from .deploy import CHECK_TOLERANCE, DEFAULT_ORT_WEB, check_export, write_triton, write_web
 from .export import export_explained, exportable_methods, save_explained
-from .images import load_image, load_labels
+from .images import load_image, load_labels, make_preprocess
 from .methods import METHODS
 from .files import atomic_write_bytes
 from .visualize import encode_png, overlay, resize_map
@@ -266,17 +267,40 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 @app.command("export")
 def export_command(
-    model: Annotated[Path, typer.Argument(help="ONNX classifier")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="the self-explaining model to write (.onnx)")],
+    paths: Annotated[list[Path], typer.Argument(help="MODEL to export; with --check: IMAGES to check it on", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="the self-explaining model to write (.onnx); with --check: the overlay folder")] = None,
     method: Annotated[str, typer.Option("-m", "--method", help=f"one of: {', '.join(exportable_methods())}")] = "gradcam",
     layer: Annotated[Optional[str], typer.Option("-l", "--layer", help="tensor to explain (default: the last spatial one)")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
     size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
+    topk: Annotated[Optional[int], typer.Option("--topk", min=1, help="heatmaps of each image's K best classes in one run (no target input)")] = None,
+    labels_file: Annotated[Optional[Path], typer.Option("--labels", help="labels file to store in the metadata")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="preprocessing to store in the metadata: imagenet, inception, caffe or raw")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="per-channel mean, e.g. 0.485,0.456,0.406")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="per-channel std")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", help="divide pixels by this first (default 255)")] = None,
+    check: Annotated[Optional[Path], typer.Option("--check", help="run this exported file on IMAGES with plain onnxruntime and compare with the Explainer")] = None,
+    web: Annotated[Optional[Path], typer.Option("--web", help="also write a static page that runs the model with onnxruntime-web")] = None,
+    ort_web: Annotated[str, typer.Option("--ort-web", help="where the page loads onnxruntime-web from (folder URL)")] = DEFAULT_ORT_WEB,
+    triton: Annotated[Optional[Path], typer.Option("--triton", help="also write a Triton model repository (config.pbtxt + 1/model.onnx)")] = None,
 ) -> None:
     """Write a model that onnxruntime runs to get the logits and the heatmap (input 'target',
-    outputs 'heatmap', 'target_class'); no onnxcam needed to run it."""
+    outputs 'heatmap', 'target_class'); no onnxcam needed to run it. With --check EXPORTED
+    IMAGES...: test an exported file on images (overlays and check.json in -o)."""
     try:
-        exported = export_explained(model, method, layer=layer, output=output, input_size=size)
+        normalization = dict(preset=preset, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=scale)
+        if check is not None:
+            _check_export(check, paths, out, normalization)
+            return
+        if len(paths) != 1 or out is None:
+            raise OnnxcamError("give one MODEL and -o OUT.onnx (or --check EXPORTED.onnx IMAGES...)")
+        model = paths[0]
+        labels = load_labels(labels_file) if labels_file else None
+        # layout and size are the model's: export_explained fills them in
+        declared = any(v is not None for v in normalization.values())
+        preprocess = make_preprocess(layout="NCHW", size=size, **normalization) if declared else None
+        exported = export_explained(model, method, layer=layer, output=output, input_size=size, topk=topk,
+                                    labels=labels, preprocess=preprocess)
     except OnnxcamError as exc:
         fail(str(exc))
         return
@@ -289,6 +313,28 @@ def export_command(
     typer.echo(f"wrote {out}: {meta['onnxcam.method']} at layer {meta['onnxcam.layer']}; "
                f"inputs {', '.join(i.name for i in exported.graph.input)}; "
                f"outputs {', '.join(o.name for o in exported.graph.output)}")
+    try:
+        if web is not None:
+            typer.echo(f"wrote {write_web(out, web, ort_web)} (serve {web} over http; the page loads "
+                       f"onnxruntime-web from {ort_web})")
+        if triton is not None:
+            typer.echo(f"wrote {write_triton(out, triton)}")
+    except OnnxcamError as exc:
+        fail(str(exc))
+
+
+def _check_export(exported: Path, images: list[Path], outdir: Optional[Path], normalization: dict) -> None:
+    """``export --check``: one line per image, a verdict, exit 1 when the file disagrees."""
+    outdir = outdir or exported.with_name(exported.name.split(".")[0] + "-check")
+    report = check_export(exported, images, outdir, **normalization)
+    for record in report.records:
+        shown = ", ".join(f"{c}" + (f" ({l})" if l else "") for c, l in zip(record["classes"], record["labels"]))
+        verdict = "ok" if record["classes_equal"] and record["max_difference"] <= CHECK_TOLERANCE else "MISMATCH"
+        typer.echo(f"{record['file']}: {shown}; max |file - Explainer| = {record['max_difference']:.1e} {verdict}")
+    typer.echo(f"{'passed' if report.passed else 'FAILED'}: {len(report.records)} images, {report.method} at "
+               f"{report.layer}, tolerance {CHECK_TOLERANCE:g}; overlays and check.json in {outdir}")
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -30,8 +30,11 @@ the activation ``A`` and ``G = d score / d A``), with three additions in standar
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -40,12 +43,13 @@ import onnx_graphsurgeon as gs
 from . import large_models
 from .autodiff import Emitter
 from .autodiff.opset import IR_FOR_OPSET
-from .errors import OnnxcamError
+from .errors import LayerError, OnnxcamError
 from .explainer import Explainer
 from .head import linear_head
+from .images import METADATA_LABELS, METADATA_PREPROCESS, Preprocess, preprocess_to_metadata
 from .methods import METHODS, Method
 from .model import Layer, opset_of
-from .surgery import METADATA_KEY, SEED, RewriteRequest, cached_rewrite
+from .surgery import METADATA_KEY, SEED, RewriteRequest, Rewritten, cached_rewrite, rewrite
 
 TARGET = "target"
 HEATMAP = "heatmap"
@@ -68,18 +72,38 @@ def exportable_methods() -> list[str]:
 
 def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "gradcam",
                      layer: str | None = None, output: str | None = None,
-                     input_size: tuple[int, int] | None = None) -> onnx.ModelProto:
+                     input_size: tuple[int, int] | None = None, topk: int | None = None,
+                     labels: Sequence[str] | None = None, preprocess: Preprocess | None = None,
+                     cache: bool = True) -> onnx.ModelProto:
     """The model with ``target`` in and ``heatmap``, ``target_class`` out (module docstring).
 
     ``layer``, ``output`` (which model output to explain) and ``input_size`` (H, W for models
     with a dynamic size) mean what they mean for :class:`onnxcam.explainer.Explainer`; the
     heatmaps equal ``Explainer(model, layer).explain(x, method, targets).heatmaps``.
+
+    ``topk=K`` exports the K best classes at once instead: no ``target`` input, ``heatmap``
+    [N, K, H, W] and ``target_class`` [N, K] (ONNX TopK: best first, ties to the lower index,
+    as ``Explainer.explain(x, method, topk=K)``). The backbone runs once; the head (the layers
+    after the explained one, :func:`onnxcam.surgery.head_frontier`) and its backward run on the
+    activation repeated K times, as the Explainer's multi-target path does.
+
+    ``labels`` and ``preprocess`` are written into the metadata (with the source model's
+    sha256), so a consumer in any language can build the input and name the classes.
     """
     spec = _exportable(method)
-    explainer = Explainer(model, layer=layer, output=output, input_size=input_size)
+    if topk is not None and int(topk) < 1:
+        raise OnnxcamError(f"topk must be at least 1, got {topk}")
+    explainer = Explainer(model, layer=layer, output=output, input_size=input_size, cache=cache)
     chosen = explainer.targets_layers[0]
-    request = RewriteRequest((chosen.name,), explainer.logits_name, gradient=spec.needs_gradient)
-    rewritten, _ = cached_rewrite(explainer.graph.model, request, explainer.source)
+    classes = explainer.num_classes
+    if topk is not None and classes is not None and topk > classes:
+        raise OnnxcamError(f"topk must be at most the class count {classes}, got {topk}")
+    if topk is None:
+        request = RewriteRequest((chosen.name,), explainer.logits_name, gradient=spec.needs_gradient)
+    else:  # forward only: the gradient comes from the head, inlined below
+        request = RewriteRequest((chosen.name, *_frontier(explainer, chosen)), explainer.logits_name,
+                                 gradient=False)
+    rewritten = _rewrite(explainer, request)
     graph = gs.import_onnx(rewritten.model)
     b = Emitter(graph, opset_of(rewritten.model), np.float32, prefix="onnxcam_export")
     tensors = graph.tensors()
@@ -87,20 +111,42 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
     if taken:
         raise OnnxcamError(f"{explainer.source}: the model already has a tensor named '{taken[0]}'")
     image, logits = tensors[rewritten.input], tensors[rewritten.logits]
-    target = gs.Variable(TARGET, np.int64, [(image.shape or [None])[0]])
-    target_class = _target_class(b, target, logits)
-    A = _to_nchw(b, tensors[chosen.name], chosen)
-    if spec.needs_gradient:
-        _feed_seed(graph, tensors[SEED], _one_hot(b, target_class, logits))
-        raw = spec.raw_map(Traced(b, A), Traced(b, _to_nchw(b, tensors[rewritten.gradients[chosen.name]], chosen)))
+    hw = _input_hw(b, image, explainer.input_layout)
+    if topk is None:
+        target = gs.Variable(TARGET, np.int64, [(image.shape or [None])[0]])
+        target_class = _target_class(b, target, logits)
+        A = _to_nchw(b, tensors[chosen.name], chosen)
+        if spec.needs_gradient:
+            _feed_seed(graph, tensors[SEED], _one_hot(b, target_class, logits))
+            G = Traced(b, _to_nchw(b, tensors[rewritten.gradients[chosen.name]], chosen))
+            raw = spec.raw_map(Traced(b, A), G)
+        else:
+            raw = spec.raw_map(Traced(b, A), None, Traced(b, _cam_weights(b, explainer, chosen, target_class)))
+        heatmap = _post_process(b, raw.tensor, hw)
     else:
-        raw = spec.raw_map(Traced(b, A), None, Traced(b, _cam_weights(b, explainer, chosen, target_class)))
-    heatmap = _post_process(b, raw.tensor, _input_hw(b, image, explainer.input_layout))
-    _finish_outputs(graph, explainer, rewritten.logits, target, heatmap, target_class)
+        target = None
+        target_class, heatmap = _topk_maps(b, graph, explainer, spec, chosen, rewritten, int(topk), hw)
+    _finish_outputs(graph, explainer, rewritten.logits, target, heatmap, target_class, topk)
     exported = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
     exported.ir_version = IR_FOR_OPSET.get(max(opset_of(exported), 13), 10)
-    _set_metadata(exported, explainer, spec, chosen)
+    _set_metadata(exported, explainer, spec, chosen, topk=topk, labels=labels, preprocess=preprocess)
     return exported
+
+
+def _rewrite(explainer: Explainer, request: RewriteRequest) -> Rewritten:
+    """The explainer's rewrite for ``request`` (from the cache unless it was turned off)."""
+    if explainer.cache:
+        return cached_rewrite(explainer.graph.model, request, explainer.source)[0]
+    return rewrite(explainer.graph.model, request, explainer.source)
+
+
+def _frontier(explainer: Explainer, layer: Layer) -> tuple[str, ...]:
+    """The head's other inputs, or why several classes cannot be exported at this layer."""
+    try:
+        return explainer.frontier(layer.name)
+    except LayerError as exc:
+        raise OnnxcamError(f"{exc}; --topk exports need a head that can be cut at the explained layer: "
+                           f"choose another layer (onnxcam layers) or export one class per run") from None
 
 
 def save_explained(model: onnx.ModelProto, path: str | os.PathLike) -> None:
@@ -215,19 +261,94 @@ def _post_process(b: Emitter, raw: gs.Tensor, hw: gs.Tensor) -> gs.Tensor:
     return _clip01(b, _scale(b, resized))
 
 
+# -- several classes in one run -----------------------------------------------------------------
+
+def _topk_maps(b: Emitter, graph: gs.Graph, explainer: Explainer, spec: Method, layer: Layer,
+               forward: Rewritten, k: int, hw: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
+    """``target_class`` [N, K] (TopK of the logits) and ``heatmap`` [N, K, H, W].
+
+    Every per-image tensor the map needs (the activation, the head's frontier) is repeated K
+    times along the batch (``np.repeat(a, K, axis=0)``); row ``n * K + j`` explains class
+    ``classes[n, j]``, so the maps reshape to [N, K, H, W]."""
+    tensors = graph.tensors()
+    logits = tensors[forward.logits]
+    classes = b.op("TopK", logits, b.ints([k]), axis=-1, largest=1, sorted=1, outputs=2)[1]
+    flat = b.reshape(classes, b.ints([-1]))
+    A = _repeat(b, tensors[layer.name], k)
+    if spec.needs_gradient:
+        head = _rewrite(explainer, RewriteRequest((layer.name,), explainer.logits_name, gradient=True,
+                                                  head=layer.name))
+        if not head.batch_dynamic:
+            raise OnnxcamError(f"{explainer.source}: the head after '{layer.name}' cannot take a batch of "
+                               f"N x {k} activations (its batch size is fixed): export one class per run")
+        feeds = {name: _repeat(b, tensors[name], k) for name in head.extra_inputs}
+        feeds[layer.name] = A
+        feeds[SEED] = _one_hot(b, flat, logits)
+        G = _inline(graph, gs.import_onnx(head.model), "onnxcam_head/", feeds)[head.gradients[layer.name]]
+        raw = spec.raw_map(Traced(b, _to_nchw(b, A, layer)), Traced(b, _to_nchw(b, G, layer)))
+    else:
+        raw = spec.raw_map(Traced(b, _to_nchw(b, A, layer)), None,
+                           Traced(b, _cam_weights(b, explainer, layer, flat)))
+    maps = _post_process(b, raw.tensor, hw)
+    batch = b.shape(logits, end=1)
+    heatmap = b.reshape(maps, b.concat([batch, b.ints([k]), hw], axis=0))
+    return classes, heatmap
+
+
+def _repeat(b: Emitter, tensor: gs.Tensor, k: int) -> gs.Tensor:
+    """``np.repeat(tensor, k, axis=0)``: [N, ...] -> [N * k, ...] (each row k times in a row)."""
+    rest = b.shape(tensor, start=1)
+    tiled = b.expand(b.unsqueeze(tensor, [1]), b.concat([b.shape(tensor, end=1), b.ints([k]), rest], axis=0))
+    return b.reshape(tiled, b.concat([b.ints([-1]), rest], axis=0))
+
+
+def _inline(host: gs.Graph, guest: gs.Graph, prefix: str, feeds: dict[str, gs.Tensor]) -> dict[str, gs.Tensor]:
+    """Add ``guest``'s nodes to ``host``, its inputs fed by ``feeds`` (guest input name -> host
+    tensor); returns its outputs by (guest) name. Guest variables are renamed with ``prefix``;
+    a guest constant equal to the host's constant of the same name is shared, so a head's
+    weights are stored once."""
+    host_constants = {n: t for n, t in host.tensors().items() if isinstance(t, gs.Constant)}
+    inputs = {i.name: i for i in guest.inputs}
+    outputs = {o.name: o for o in guest.outputs}
+    missing = [name for name in inputs if name not in feeds]
+    if missing:
+        raise OnnxcamError(f"internal: no feed for the head's inputs {missing}")
+    shared: dict[str, gs.Constant] = {}
+    for name, tensor in guest.tensors().items():
+        same = host_constants.get(name)
+        if (isinstance(tensor, gs.Constant) and same is not None and same.values.dtype == tensor.values.dtype
+                and same.values.shape == tensor.values.shape and np.array_equal(same.values, tensor.values)):
+            shared[name] = same
+        else:
+            tensor.name = prefix + name
+            if isinstance(tensor, gs.Variable):
+                tensor.shape = None  # its batch is the host's times K: a shared "N" would be wrong
+    for node in guest.nodes:
+        node.name = prefix + (node.name or node.op)
+        node.inputs = [shared.get(t.name, t) if isinstance(t, gs.Constant) else t for t in node.inputs]
+        host.nodes.append(node)
+    for name, variable in inputs.items():
+        # The guest's input variable stays (its consumers read it); an Identity now produces it.
+        host.nodes.append(gs.Node("Identity", variable.name + "/feed", inputs=[feeds[name]], outputs=[variable]))
+    return outputs
+
+
 # -- outputs and metadata ---------------------------------------------------------------------
 
-def _finish_outputs(graph: gs.Graph, explainer: Explainer, logits_name: str, target: gs.Variable,
-                    heatmap: gs.Tensor, target_class: gs.Tensor) -> None:
-    """Inputs: image, target. Outputs: the model's own (with the logits), heatmap, target_class."""
+def _finish_outputs(graph: gs.Graph, explainer: Explainer, logits_name: str, target: gs.Variable | None,
+                    heatmap: gs.Tensor, target_class: gs.Tensor, topk: int | None = None) -> None:
+    """Inputs: image (and target, one class per image). Outputs: the model's own (with the
+    logits), heatmap, target_class; with ``topk`` each image's K classes along a second axis."""
     tensors = graph.tensors()
-    graph.inputs.append(target)  # after the image, which the rewrite keeps first
-    batch = target.shape[0]
+    image = graph.inputs[0]  # the rewrite keeps the image first
+    if target is not None:
+        graph.inputs.append(target)
+    batch = (image.shape or [None])[0]
     names = [o.name for o in explainer.graph.outputs]
     names += [logits_name] if logits_name not in names else []
-    image = graph.inputs[0]
-    heatmap = _named(graph, heatmap, HEATMAP, np.float32, [batch, *_static_hw(image, explainer.input_layout)])
-    target_class = _named(graph, target_class, TARGET_CLASS, np.int64, [batch])
+    per_image = [batch] if topk is None else [batch, int(topk)]
+    heatmap = _named(graph, heatmap, HEATMAP, np.float32, [*per_image, *_static_hw(image, explainer.input_layout)])
+    target_class = _named(graph, target_class, TARGET_CLASS, np.int64, per_image)
     outputs = [tensors[n] for n in names] + [heatmap, target_class]
     for tensor in outputs:
         tensor.dtype = tensor.dtype or np.float32
@@ -241,19 +362,45 @@ def _named(graph: gs.Graph, tensor: gs.Tensor, name: str, dtype, shape: Sequence
     return named
 
 
-def _set_metadata(exported: onnx.ModelProto, explainer: Explainer, spec: Method, layer: Layer) -> None:
-    """The original model's metadata (labels, preprocessing) and what the export computes."""
+def _set_metadata(exported: onnx.ModelProto, explainer: Explainer, spec: Method, layer: Layer,
+                  topk: int | None = None, labels: Sequence[str] | None = None,
+                  preprocess: Preprocess | None = None) -> None:
+    """The original model's metadata (labels, preprocessing), what the export computes, and
+    where it comes from: onnxcam's version and the source model's sha256."""
     from . import __version__
 
     kept = {k: v for k, v in explainer.metadata.items() if k != METADATA_KEY}
+    if topk is None:
+        shapes = {"onnxcam.outputs": f"{HEATMAP} [N,H,W] in [0,1]; {TARGET_CLASS} [N] int64",
+                  "onnxcam.inputs": f"{TARGET} [N] int64: class to explain, -1 = top-1"}
+    else:
+        shapes = {"onnxcam.outputs": f"{HEATMAP} [N,{topk},H,W] in [0,1]; {TARGET_CLASS} [N,{topk}] int64 "
+                                     f"(the {topk} best classes, best first)",
+                  "onnxcam.inputs": "the image only", "onnxcam.topk": str(int(topk))}
     kept.update({"onnxcam.version": __version__, "onnxcam.method": spec.name,
                  "onnxcam.layer": layer.name, "onnxcam.logits": explainer.logits_name,
-                 "onnxcam.outputs": f"{HEATMAP} [N,H,W] in [0,1]; {TARGET_CLASS} [N] int64",
-                 "onnxcam.inputs": f"{TARGET} [N] int64: class to explain, -1 = top-1"})
+                 "onnxcam.source_sha256": _source_sha256(explainer), **shapes})
+    if labels is not None:
+        kept[METADATA_LABELS] = json.dumps(list(labels))
+    if preprocess is not None:  # the model fixes layout and size
+        size = preprocess.size or explainer.input_size
+        kept[METADATA_PREPROCESS] = preprocess_to_metadata(replace(preprocess, layout=explainer.input_layout, size=size))
     del exported.metadata_props[:]
     for key, value in kept.items():
         entry = exported.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def _source_sha256(explainer: Explainer) -> str:
+    """sha256 of the source file as ``sha256sum`` prints it; of the serialized model (weights
+    included) when the source was a ModelProto."""
+    if explainer.source != "<model>" and os.path.isfile(explainer.source):
+        digest = hashlib.sha256()
+        with open(explainer.source, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    return large_models.fingerprint(explainer.graph.model).hexdigest()
 
 
 # -- numpy formulas as graphs -----------------------------------------------------------------

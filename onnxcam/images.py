@@ -76,6 +76,13 @@ def preprocess_from_metadata(metadata: dict[str, str]) -> Preprocess | None:
                       size=tuple(spec["size"]) if spec.get("size") else None)
 
 
+def preprocess_to_metadata(preprocess: Preprocess) -> str:
+    """The ``onnxcam.preprocess`` metadata value that :func:`preprocess_from_metadata` reads."""
+    return json.dumps({"mean": list(preprocess.mean), "std": list(preprocess.std), "scale": preprocess.scale,
+                       "channel_order": preprocess.channel_order, "layout": preprocess.layout,
+                       "size": list(preprocess.size) if preprocess.size else None})
+
+
 def make_preprocess(preset: str | None, layout: str, size: tuple[int, int] | None,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                     scale: float | None = None, declared: Preprocess | None = None) -> Preprocess:

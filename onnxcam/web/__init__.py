@@ -1,0 +1,1 @@
+"""The static page of ``onnxcam export --web`` (index.html, onnxcam-web.js): package data."""
