@@ -134,7 +134,22 @@ async function main() {
     const file = event.target.files[0];
     if (file) explain(session, config, URL.createObjectURL(file)).catch(fail);
   });
-  if (params.get("image")) await explain(session, config, params.get("image"));
+  if (params.get("image")) {
+    await explain(session, config, params.get("image"));
+    const repeat = parseInt(params.get("repeat") || "0", 10);
+    if (repeat > 0) await timeRuns(session, config, params.get("image"), repeat);
+  }
+}
+
+// `?repeat=N` (tools/bench_export.py): N more runs between two console lines, whose wall-clock
+// stamps in Chromium's log time them (performance.now() is virtual in a headless test run).
+async function timeRuns(session, config, src, repeat) {
+  const input = inputTensor(await loadImage(src), config);
+  const feeds = { [config.input]: input };
+  if (config.target) feeds.target = new ort.Tensor("int64", BigInt64Array.from([-1n]), [1]);
+  console.log(`onnxcam-timing start ${repeat}`);
+  for (let i = 0; i < repeat; i++) await session.run(feeds);
+  console.log(`onnxcam-timing end ${repeat}`);
 }
 
 function fail(error) {
