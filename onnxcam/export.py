@@ -45,7 +45,8 @@ from .explainer import Explainer
 from .head import linear_head
 from .methods import METHODS, Method
 from .model import Layer, opset_of
-from .surgery import METADATA_KEY, SEED, RewriteRequest, cached_rewrite
+from .cache import cached_rewrite
+from .surgery import METADATA_KEY, SEED, RewriteRequest, rewrite
 
 TARGET = "target"
 HEATMAP = "heatmap"
@@ -68,18 +69,22 @@ def exportable_methods() -> list[str]:
 
 def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "gradcam",
                      layer: str | None = None, output: str | None = None,
-                     input_size: tuple[int, int] | None = None) -> onnx.ModelProto:
+                     input_size: tuple[int, int] | None = None, cache: bool = True,
+                     threads: int = 0) -> onnx.ModelProto:
     """The model with ``target`` in and ``heatmap``, ``target_class`` out (module docstring).
 
     ``layer``, ``output`` (which model output to explain) and ``input_size`` (H, W for models
     with a dynamic size) mean what they mean for :class:`onnxcam.explainer.Explainer`; the
     heatmaps equal ``Explainer(model, layer).explain(x, method, targets).heatmaps``.
+    ``cache=False`` skips the rewrite cache; ``threads``: onnxruntime's intra-op threads.
     """
     spec = _exportable(method)
-    explainer = Explainer(model, layer=layer, output=output, input_size=input_size)
+    explainer = Explainer(model, layer=layer, output=output, input_size=input_size, cache=cache,
+                          threads=threads)
     chosen = explainer.targets_layers[0]
     request = RewriteRequest((chosen.name,), explainer.logits_name, gradient=spec.needs_gradient)
-    rewritten, _ = cached_rewrite(explainer.graph.model, request, explainer.source)
+    rewritten = (cached_rewrite(explainer.graph.model, request, explainer.source, threads=threads)[0] if cache
+                 else rewrite(explainer.graph.model, request, explainer.source, threads=threads))
     graph = gs.import_onnx(rewritten.model)
     b = Emitter(graph, opset_of(rewritten.model), np.float32, prefix="onnxcam_export")
     tensors = graph.tensors()
