@@ -331,3 +331,17 @@ def test_a_writer_killed_during_a_cache_write_leaves_nothing_for_good(tmp_path, 
     _, hit = cached_rewrite(conv_classifier(), REQUEST, directory=folder)
     assert not hit and not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert _no_warning_hit(conv_classifier(), REQUEST, folder)[1]
+
+
+def test_the_cli_prints_a_warning_as_one_line(tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o777)
+    onnx.save(conv_classifier(), tmp_path / "m.onnx")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ONNXCAM_CACHE_DIR": str(folder)}
+    result = subprocess.run([sys.executable, "-m", "onnxcam.cli", "export", str(tmp_path / "m.onnx"),
+                             "-o", str(tmp_path / "e.onnx")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"warning: rewrite cache {folder} is writable by other users (mode 777); "
+                                          "'chmod go-w' it after checking its contents: not using it "
+                                          "(set ONNXCAM_CACHE_DIR to another folder)"]
