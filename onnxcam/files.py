@@ -98,9 +98,13 @@ def sweep_stale_temporaries(folder: str | os.PathLike, older_than: float = STALE
     return removed
 
 
-def remove_temporaries_on_signal(signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
-    """Install a handler for ``signals`` (default SIGTERM, whose default action kills the
-    process without any cleanup) that removes the temporary files being written and exits
+#: Signals whose default action ends the process without any cleanup.
+TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def remove_temporaries_on_signal(signals: tuple[int, ...] = TERMINATING) -> None:
+    """Install a handler for ``signals`` (default SIGTERM and SIGHUP, whose default actions
+    end the process without any cleanup) that removes the temporary files being written and exits
     with status 128 + signal, as the default action reports. Only where the signal still has
     its default action (an application's own handler is left alone), from the main thread."""
     for number in signals:
