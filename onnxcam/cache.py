@@ -337,9 +337,9 @@ def _store(directory: Path, key: str, source_hash: str, request: RewriteRequest,
 @contextlib.contextmanager
 def _locked(directory: Path, key: str, blocking: bool = True) -> Iterator[bool]:
     """Hold the exclusive lock of ``key``; yields False when it could not be had (another
-    process held it too long, or without blocking), True else. Where ``fcntl`` is missing
-    (Windows) yields True without locking: the renames and the digests still keep a reader
-    from using a torn entry."""
+    process held it :data:`LOCK_TIMEOUT` seconds, or at once without blocking), True else.
+    Where there are no locks (Windows, a filesystem without flock) yields True without
+    locking: the renames and the digests still keep a reader from using a torn entry."""
     try:
         import fcntl
     except ImportError:
@@ -356,7 +356,7 @@ def _locked(directory: Path, key: str, blocking: bool = True) -> Iterator[bool]:
             return
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another process
             os.close(handle)
             handle = None
             if time.monotonic() >= deadline:
@@ -364,6 +364,10 @@ def _locked(directory: Path, key: str, blocking: bool = True) -> Iterator[bool]:
                 return
             time.sleep(0.05)
             continue
+        except OSError:  # no locks on this filesystem: the renames and digests still hold
+            os.close(handle)
+            yield True
+            return
         try:  # an evicter may have removed the lock file meanwhile: lock the current one
             same = os.path.samestat(os.fstat(handle), os.stat(path))
         except FileNotFoundError:
