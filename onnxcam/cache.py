@@ -252,7 +252,7 @@ def _load(directory: Path, key: str, source_hash: str, request: RewriteRequest) 
     try:
         manifest = json.loads(manifest_path.read_bytes())
         recorded = {name: (int(v["size"]), str(v["sha256"])) for name, v in manifest["files"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise _Invalid(manifest_path, f"is not a manifest ({type(exc).__name__})") from None
     for field, wanted in (("format", FORMAT), ("key", key), ("source_sha256", source_hash),
                           ("request", _request_record(request)), ("code", code_fingerprint()),

@@ -362,7 +362,13 @@ def _warnings_as_lines() -> None:
 
 
 def main() -> None:
+    import logging
+    import os
+
     from .files import remove_temporaries_on_signal
+    # ONNXCAM_LOG=info shows e.g. how many nodes onnxruntime placed on the CPU under CUDA
+    level = logging.getLevelName(os.environ.get("ONNXCAM_LOG", "warning").upper())
+    logging.basicConfig(level=level if isinstance(level, int) else logging.WARNING, format="%(levelname)s: %(message)s")
     _warnings_as_lines()
     remove_temporaries_on_signal()  # SIGTERM: no temporary file left behind
     app()

@@ -107,6 +107,17 @@ def test_an_entry_without_manifest_is_not_trusted(tmp_path):
     assert not hit
 
 
+@pytest.mark.parametrize("manifest", [b"", b"[]", b"{}", b'"x"', b"[" * 200000, b'{"files": {"a": 5}}',
+                                      b"\xff\xfe", b"{" * 10 + b"}" * 10])
+def test_a_garbage_manifest_is_rebuilt(tmp_path, manifest):
+    model = conv_classifier(seed=7)
+    cached_rewrite(model, REQUEST, directory=tmp_path)
+    (tmp_path / f"{cache_key(model, REQUEST)}.json").write_bytes(manifest)
+    with pytest.warns(OnnxcamWarning, match="json (is not a manifest|records another)"):
+        _, hit = cached_rewrite(model, REQUEST, directory=tmp_path)
+    assert not hit and _no_warning_hit(model, REQUEST, tmp_path)[1]
+
+
 def test_the_key_follows_the_libraries_and_every_module_of_the_rewrite(tmp_path, monkeypatch):
     names = {str(p.relative_to(ROOT / "onnxcam")) for p in cache.shaping_modules()}
     assert {"surgery.py", "model.py", "large_models.py", "cache.py", "autodiff/rules.py",

@@ -16,7 +16,7 @@ import pytest
 
 from onnxcam import large_models
 from onnxcam.cli import app
-from onnxcam.errors import ModelError
+from onnxcam.errors import ModelError, OnnxcamWarning
 from onnxcam.explainer import Explainer
 from onnxcam.model import load_model, with_shapes
 from onnxcam.surgery import RewriteRequest, cached_rewrite
@@ -158,7 +158,8 @@ def test_truncated_external_data_in_the_cache_is_rebuilt(big_path, tmp_path):
     cached_rewrite(model, request, directory=tmp_path)
     data = next(p for p in tmp_path.iterdir() if p.name.endswith(".data"))
     data.write_bytes(data.read_bytes()[:100])
-    _, hit = cached_rewrite(model, request, directory=tmp_path)
+    with pytest.warns(OnnxcamWarning, match=f"{data} has 100 bytes.*rebuilding it"):
+        _, hit = cached_rewrite(model, request, directory=tmp_path)
     assert not hit
     assert data.stat().st_size > 100  # rewritten whole
 
