@@ -197,7 +197,8 @@ def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str 
     source_hash = large_models.fingerprint(model).hexdigest()
     key = cache_key(model, request, source_hash)
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not directory.is_dir():  # mkdir on an existing folder costs ~10 ms on some filesystems
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError:
         return rewrite(model, request, source, threads=threads), False  # read-only: no cache
     _prepare(directory)

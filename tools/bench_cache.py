@@ -11,31 +11,19 @@ Side by side in one process, on one model's cached rewrite: a verified hit
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_overhead import DEFAULT, median_ms  # noqa: E402 - tools/ is the script's folder
 from onnxcam import Explainer  # noqa: E402
 from onnxcam.cache import cache_key, cached_rewrite  # noqa: E402
 from onnxcam.model import load_model  # noqa: E402
 from onnxcam.surgery import RewriteRequest, rewrite  # noqa: E402
-
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "models" / "mobilenet" / "mobilenet_v2_1.0_224.onnx"
-
-
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
