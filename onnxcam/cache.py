@@ -215,8 +215,10 @@ def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str 
         if locked and _estimated_bytes(rewritten.model) <= limit:
             try:
                 _store(directory, key, source_hash, request, source, rewritten.model)
-            except OSError:
-                pass  # a full or read-only cache only costs the next run a rewrite
+            except OSError:  # a full or read-only cache only costs the next run a rewrite
+                for path in _paths(directory, key):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
     evict(directory, limit, keep={key})
     return rewritten, False
 

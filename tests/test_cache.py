@@ -240,6 +240,31 @@ def test_least_recently_used_entries_are_evicted(tmp_path, monkeypatch):
     assert not hit and list(tmp_path.glob("*.json")) == []
 
 
+@pytest.mark.parametrize("failing", ["entry", "manifest"])
+def test_a_full_disk_while_storing_leaves_no_entry_and_no_temporary(tmp_path, monkeypatch, failing):
+    import errno
+    model = conv_classifier(seed=5)
+    real = files.atomic_write
+
+    def full(path, write, mode=None):
+        if Path(path).suffix == (".onnx" if failing == "entry" else ".json"):
+            def partial(stream):
+                stream.write(b"x" * 100)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, partial, mode)
+        return real(path, write, mode)
+
+    monkeypatch.setattr(files, "atomic_write", full)
+    rewritten, hit = cached_rewrite(model, REQUEST, directory=tmp_path)
+    assert not hit and rewritten.gradients  # the rewrite itself is fine
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OnnxcamWarning)  # nothing half-written to warn about
+        assert not cached_rewrite(model, REQUEST, directory=tmp_path)[1]
+    assert _no_warning_hit(model, REQUEST, tmp_path)[1]
+
+
 def test_max_bytes_parsing(monkeypatch):
     for text, value in (("1000", 1000), ("500M", 500 * 2**20), ("2G", 2 * 2**30), ("1.5GiB", 3 * 2**29)):
         monkeypatch.setenv("ONNXCAM_CACHE_MAX_BYTES", text)
