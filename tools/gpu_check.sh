@@ -20,12 +20,15 @@ step() { echo "== $*"; }
 
 if [ $INSTALL = 1 ]; then
   step "install (log: $LOG/pip.log)"
-  if ! python -m pip install -e ".[dev]" >"$LOG/pip.log" 2>&1; then
-    echo "pip install failed; last lines:"; tail -5 "$LOG/pip.log"; exit 1
+  # offline machines: retry without build isolation (no setuptools download), then fall back
+  # to running from the checkout
+  if ! python -m pip install -e ".[dev]" >"$LOG/pip.log" 2>&1 &&
+     ! python -m pip install --no-build-isolation -e ".[dev]" >>"$LOG/pip.log" 2>&1; then
+    echo "pip install failed (last line: $(tail -1 "$LOG/pip.log")); running from the checkout"
+    INSTALL=0
   fi
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+[ $INSTALL = 0 ] && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 step "CUDA probe"
 python - >"$LOG/probe.txt" 2>&1 <<'EOF'
@@ -35,8 +38,11 @@ usable, why = cuda_status()
 print("DEVICE=" + ("cuda" if usable else "cpu"))
 print(f"onnxruntime {ort.__version__} ({ort.get_device()}), providers: {', '.join(ort.get_available_providers())}")
 print("CUDA usable" if usable else f"CUDA not usable: {why}")
+if not usable and "shared object" in why:
+    print("hint: pip install 'onnxruntime-gpu[cuda,cudnn]' installs CUDA and cuDNN as wheels, "
+          "which onnxcam finds through onnxruntime.preload_dlls()")
 EOF
-cat "$LOG/probe.txt" | grep -v '^DEVICE='
+grep -v '^DEVICE=' "$LOG/probe.txt"
 DEVICE=$(sed -n 's/^DEVICE=//p' "$LOG/probe.txt")
 DEVICE=${DEVICE:-cpu}
 if [ "$DEVICE" = cpu ]; then
