@@ -189,18 +189,18 @@ def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str 
     """The rewrite from the cache when a verified entry exists (returns ``(rewritten, hit)``),
     else built by :func:`onnxcam.surgery.rewrite` and stored. See the module docstring."""
     directory = Path(directory or cache_dir())
-    why = refusal(directory)
+    try:
+        if not directory.is_dir():  # mkdir on an existing folder costs ~10 ms on some filesystems
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return rewrite(model, request, source, threads=threads), False  # read-only: no cache
+    why = refusal(directory)  # after mkdir: someone else may have created it meanwhile
     if why is not None:
         warnings.warn(f"rewrite cache {directory} {why}: not using it (set ONNXCAM_CACHE_DIR "
                       "to another folder)", OnnxcamWarning, stacklevel=2)
         return rewrite(model, request, source, threads=threads), False
     source_hash = large_models.fingerprint(model).hexdigest()
     key = cache_key(model, request, source_hash)
-    try:
-        if not directory.is_dir():  # mkdir on an existing folder costs ~10 ms on some filesystems
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError:
-        return rewrite(model, request, source, threads=threads), False  # read-only: no cache
     _prepare(directory)
     with _locked(directory, key) as locked:
         try:
@@ -492,6 +492,8 @@ class Info:
 
 
 def info(directory: Path | None = None) -> Info:
+    """The folder, its complete entries, the bytes of everything in it, the bound, and why
+    it is not used (if it is not)."""
     directory = Path(directory or cache_dir())
     found = [e for e in entries(directory) if e.complete]
     return Info(directory, len(found), sum(e.size for e in entries(directory)), max_bytes(), refusal(directory))
