@@ -146,6 +146,8 @@ def explain(
     std: Annotated[Optional[str], typer.Option("--std", help="per-channel std")] = None,
     scale: Annotated[Optional[float], typer.Option("--scale", help="divide pixels by this first (default 255)")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="rewrite the model without the rewrite cache")] = False,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="onnxruntime intra-op threads (0: one per core)")] = 0,
 ) -> None:
     """Explain IMAGES with MODEL; writes overlays, optional .npy maps and results.json."""
     try:
@@ -153,7 +155,7 @@ def explain(
         if sum(x is not None and x != [] for x in (target, topk, seed_vector)) > 1:
             raise OnnxcamError("give only one of --target, --topk and --seed-vector")
         explainer = Explainer(model, layer=layer, provider=provider, output=output,
-                              batch_size=batch_size, input_size=size)
+                              batch_size=batch_size, input_size=size, cache=not no_cache, threads=threads)
         labels = load_labels(labels_file) if labels_file else explainer.labels()
         targets = (_seed_vectors(seed_vector, explainer.num_classes) if seed_vector
                    else resolve_targets(target, labels))
@@ -283,6 +285,8 @@ def export_command(
     web: Annotated[Optional[Path], typer.Option("--web", help="also write a static page that runs the model with onnxruntime-web")] = None,
     ort_web: Annotated[str, typer.Option("--ort-web", help="where the page loads onnxruntime-web from (folder URL)")] = DEFAULT_ORT_WEB,
     triton: Annotated[Optional[Path], typer.Option("--triton", help="also write a Triton model repository (config.pbtxt + 1/model.onnx)")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="rewrite the model without the rewrite cache")] = False,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="onnxruntime intra-op threads (0: one per core)")] = 0,
 ) -> None:
     """Write a model that onnxruntime runs to get the logits and the heatmap (input 'target',
     outputs 'heatmap', 'target_class'); no onnxcam needed to run it. With --check EXPORTED
@@ -300,7 +304,7 @@ def export_command(
         declared = any(v is not None for v in normalization.values())
         preprocess = make_preprocess(layout="NCHW", size=size, **normalization) if declared else None
         exported = export_explained(model, method, layer=layer, output=output, input_size=size, topk=topk,
-                                    labels=labels, preprocess=preprocess)
+                                    labels=labels, preprocess=preprocess, cache=not no_cache, threads=threads)
     except OnnxcamError as exc:
         fail(str(exc))
         return
@@ -341,11 +345,12 @@ def _check_export(exported: Path, images: list[Path], outdir: Optional[Path], no
 def demo(
     outdir: Annotated[Path, typer.Option("-o", "--outdir", help="output folder")] = Path("onnxcam-demo"),
     provider: Annotated[str, typer.Option("--provider", help="auto, cpu or cuda")] = "auto",
+    threads: Annotated[int, typer.Option("--threads", min=0, help="onnxruntime intra-op threads (0: one per core)")] = 0,
 ) -> None:
     """Explain the bundled shapes classifier on its sample images (offline)."""
     from .demo import run_demo
     try:
-        index, summary = run_demo(outdir, provider=provider)
+        index, summary = run_demo(outdir, provider=provider, threads=threads)
     except OnnxcamError as exc:
         fail(str(exc))
         return
@@ -353,7 +358,64 @@ def demo(
     typer.echo(f"demo written: {index}")
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="The rewrite cache: where, how big; clear it.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info() -> None:
+    """The cache folder, its entries and size, and its bound ($ONNXCAM_CACHE_MAX_BYTES)."""
+    from . import cache
+    found = cache.info()
+    typer.echo(f"folder: {found.folder}" + (f" (not used: it {found.refused})" if found.refused else ""))
+    typer.echo(f"entries: {found.entries}, {_size(found.bytes)} of at most {_size(found.max_bytes)}")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every cached rewrite."""
+    from . import cache
+    folder = cache.cache_dir()
+    why = cache.refusal(folder)
+    if why is not None:
+        fail(f"rewrite cache {folder} {why}: not clearing it")
+    count, size = cache.clear(folder)
+    typer.echo(f"removed {count} entries ({_size(size)}) from {folder}")
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def _warnings_as_lines() -> None:
+    """onnxcam's own warnings as one ``warning: ...`` line; others as Python shows them."""
+    import warnings
+
+    from .errors import OnnxcamWarning
+    python_show = warnings.showwarning
+
+    def show(message, category, *args, **kwargs) -> None:
+        if issubclass(category, OnnxcamWarning):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            python_show(message, category, *args, **kwargs)
+    warnings.showwarning = show
+
+
 def main() -> None:
+    import logging
+    import os
+
+    from .files import remove_temporaries_on_signal
+    # ONNXCAM_LOG=info shows e.g. how many nodes onnxruntime placed on the CPU under CUDA
+    level = logging.getLevelName(os.environ.get("ONNXCAM_LOG", "warning").upper())
+    logging.basicConfig(level=level if isinstance(level, int) else logging.WARNING, format="%(levelname)s: %(message)s")
+    _warnings_as_lines()
+    remove_temporaries_on_signal()  # SIGTERM: no temporary file left behind
     app()
 
 

@@ -43,7 +43,7 @@ class DemoRow:
     hit: bool | None
 
 
-def run_demo(outdir: Path, provider: str = "auto", method: str = "gradcam") -> tuple[Path, str]:
+def run_demo(outdir: Path, provider: str = "auto", method: str = "gradcam", threads: int = 0) -> tuple[Path, str]:
     """Explain every sample for each of its objects' classes; returns the index.html path and
     a one-line summary."""
     folder = demo_dir()
@@ -51,7 +51,7 @@ def run_demo(outdir: Path, provider: str = "auto", method: str = "gradcam") -> t
     if not model_path.exists() or not samples_file.exists():
         raise OnnxcamError(f"the bundled demo is missing ({model_path}); run from a source checkout "
                            "installed with `pip install -e .`, or set ONNXCAM_DEMO_DIR")
-    explainer = Explainer(model_path, provider=provider)
+    explainer = Explainer(model_path, provider=provider, threads=threads)
     labels = explainer.labels() or []
     preprocess = explainer.preprocess()
     samples = json.loads(samples_file.read_text())

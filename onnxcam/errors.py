@@ -38,3 +38,8 @@ class ImageError(OnnxcamError):
 
 class TargetError(OnnxcamError):
     """A target class is out of range or not found in the labels."""
+
+
+class OnnxcamWarning(UserWarning):
+    """Something the user should know that does not stop the work (a cache entry rebuilt, a
+    provider that runs part of the graph on the CPU). The CLI prints ``warning: <message>``."""

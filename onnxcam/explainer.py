@@ -34,8 +34,9 @@ from .head import linear_head
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
 from .methods import METHODS, Method, combine_layers, scale_maps
 from .model import Layer, ModelGraph, load_model, pin_input_size
-from .runtime import Session
-from .surgery import SEED, RewriteRequest, Rewritten, cached_rewrite, head_frontier, rewrite
+from .cache import cached_rewrite
+from .runtime import Session, resolve_provider
+from .surgery import SEED, RewriteRequest, Rewritten, head_frontier, rewrite
 from .targets import Targets, TargetSet, resolve_targets
 
 #: pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x [0.9, 1, 1.1].
@@ -147,7 +148,8 @@ class Explainer:
     many inputs go through onnxruntime at once; ``input_size`` (H, W) pins the input size of
     models exported with a dynamic one (gradient rules and the cache work on fixed sizes);
     ``threads`` the intra-op threads of every onnxruntime session (0: onnxruntime's default,
-    one per core).
+    one per core); ``cache=False`` rewrites without reading or writing the rewrite cache
+    (:mod:`onnxcam.cache`). The provider is checked here, before any rewrite or image.
     """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | Sequence[str] | None = None,
@@ -170,6 +172,7 @@ class Explainer:
             chosen = [self.graph.find_layer(name, output) for name in names]
         self.targets_layers: list[Layer] = chosen
         self.provider_requested = provider
+        resolve_provider(provider)  # an unusable provider fails now, not after the work
         self.cache = cache
         self.batch_size = max(1, int(batch_size))
         self.threads = max(0, int(threads))
@@ -213,11 +216,11 @@ class Explainer:
         """The rewritten model for ``request`` and its session (built once, cached on disk)."""
         if request not in self._sessions:
             if self.cache:
-                rewritten, _ = cached_rewrite(self._proto, request, self.source)
+                rewritten, _ = cached_rewrite(self._proto, request, self.source, threads=self.threads)
             else:
-                rewritten = rewrite(self._proto, request, self.source)
+                rewritten = rewrite(self._proto, request, self.source, threads=self.threads)
             self._sessions[request] = (rewritten, Session(rewritten.model, self.provider_requested,
-                                                          threads=self.threads))
+                                                          threads=self.threads, source=rewritten.origin))
         return self._sessions[request]
 
     def prepared(self, input_gradient: bool = False, relu: str = "plain") -> tuple[Rewritten, Session]:

@@ -49,7 +49,8 @@ from .head import linear_head
 from .images import METADATA_LABELS, METADATA_PREPROCESS, Preprocess, preprocess_to_metadata
 from .methods import METHODS, Method
 from .model import Layer, opset_of
-from .surgery import METADATA_KEY, SEED, RewriteRequest, Rewritten, cached_rewrite, rewrite
+from .cache import cached_rewrite
+from .surgery import METADATA_KEY, SEED, RewriteRequest, Rewritten, rewrite
 
 TARGET = "target"
 HEATMAP = "heatmap"
@@ -74,7 +75,7 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
                      layer: str | None = None, output: str | None = None,
                      input_size: tuple[int, int] | None = None, topk: int | None = None,
                      labels: Sequence[str] | None = None, preprocess: Preprocess | None = None,
-                     cache: bool = True) -> onnx.ModelProto:
+                     cache: bool = True, threads: int = 0) -> onnx.ModelProto:
     """The model with ``target`` in and ``heatmap``, ``target_class`` out (module docstring).
 
     ``layer``, ``output`` (which model output to explain) and ``input_size`` (H, W for models
@@ -89,11 +90,13 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
 
     ``labels`` and ``preprocess`` are written into the metadata (with the source model's
     sha256), so a consumer in any language can build the input and name the classes.
+    ``cache=False`` skips the rewrite cache; ``threads``: onnxruntime's intra-op threads.
     """
     spec = _exportable(method)
     if topk is not None and int(topk) < 1:
         raise OnnxcamError(f"topk must be at least 1, got {topk}")
-    explainer = Explainer(model, layer=layer, output=output, input_size=input_size, cache=cache)
+    explainer = Explainer(model, layer=layer, output=output, input_size=input_size, cache=cache,
+                          threads=threads)
     chosen = explainer.targets_layers[0]
     classes = explainer.num_classes
     if topk is not None and classes is not None and topk > classes:
@@ -136,8 +139,8 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
 def _rewrite(explainer: Explainer, request: RewriteRequest) -> Rewritten:
     """The explainer's rewrite for ``request`` (from the cache unless it was turned off)."""
     if explainer.cache:
-        return cached_rewrite(explainer.graph.model, request, explainer.source)[0]
-    return rewrite(explainer.graph.model, request, explainer.source)
+        return cached_rewrite(explainer.graph.model, request, explainer.source, threads=explainer.threads)[0]
+    return rewrite(explainer.graph.model, request, explainer.source, threads=explainer.threads)
 
 
 def _frontier(explainer: Explainer, layer: Layer) -> tuple[str, ...]:

@@ -141,13 +141,14 @@ def session(model: onnx.ModelProto, options, providers: list[str]):
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+def save(model: onnx.ModelProto, path: str | os.PathLike, mode: int | None = None) -> None:
     """Write ``model`` to ``path`` atomically; a large model's weights go to
     ``path + ".data"`` (ONNX external data, offsets 4 KiB-aligned), written first so a
-    reader never finds the model without its complete data."""
+    reader never finds the model without its complete data. ``mode``: the files' permissions
+    (default: as ``open()`` creates them)."""
     path = Path(path)
     if not is_large(model):
-        atomic_write_bytes(path, model.SerializeToString())
+        atomic_write_bytes(path, model.SerializeToString(), mode)
         return
     skeleton, weights = detach(model)
     data_name = path.name + ".data"
@@ -161,8 +162,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> None:
             stream.write(data)
             _mark_external(entries[name], data_name, offset, len(data))
 
-    atomic_write(path.with_name(data_name), write_weights)
-    atomic_write_bytes(path, skeleton.SerializeToString())
+    atomic_write(path.with_name(data_name), write_weights, mode)
+    atomic_write_bytes(path, skeleton.SerializeToString(), mode)
 
 
 def _raw(tensor: TensorProto) -> bytes:

@@ -21,17 +21,14 @@ Two variants serve the methods that need many evaluations:
   (and d score / d A) without re-running the backbone: Ablation-CAM and multi-target
   explanations use it.
 
-Rewrites are cached by content hash (model bytes, request, and the source of the autodiff), so
-a second run on the same model skips surgery. Files are written atomically.
+Rewrites are cached by :mod:`onnxcam.cache`, so a second run on the same model skips surgery.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +81,8 @@ class Rewritten:
     batch_dynamic: bool = False
     #: a head's other inputs (its frontier), fed from a forward run of the full model
     extra_inputs: tuple[str, ...] = ()
+    #: where the model was read from (a cache entry), for error messages; None when built
+    origin: str | None = None
 
     @property
     def has_seed(self) -> bool:
@@ -132,14 +131,16 @@ def rules_for(relu: str) -> Mapping[str, Rule]:
     return RULES
 
 
-def rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<model>") -> Rewritten:
-    """Add the seed input and the gradient subgraph; see the module docstring."""
+def rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<model>",
+            threads: int = 0) -> Rewritten:
+    """Add the seed input and the gradient subgraph; see the module docstring. ``threads``:
+    intra-op threads of the onnxruntime session that checks a dynamic batch (0: default)."""
     if opset_of(model) < 13:
         model = _convert(model, 13, source)
     if not request.gradient:
         graph, tensors, _ = _prepare(model, request, source)
         static = _build_forward(graph, tensors, request, opset_of(model))
-        return _with_dynamic_batch(static, request)
+        return _with_dynamic_batch(static, request, threads)
     rules = rules_for(request.relu)
     graph, tensors, wrt = _prepare(model, request, source)
     gradient_plan = plan(wrt, tensors[request.logits], rules)
@@ -153,7 +154,7 @@ def rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<mod
         graph, tensors, wrt = _prepare(model, request, source)
 
     static = _build(graph, tensors, wrt, request, rules, opset_of(model), source)
-    return _with_dynamic_batch(static, request)
+    return _with_dynamic_batch(static, request, threads)
 
 
 def _working_layers_hint(model: onnx.ModelProto, tensors, logits: str, rules) -> str:
@@ -166,13 +167,13 @@ def _working_layers_hint(model: onnx.ModelProto, tensors, logits: str, rules) ->
     return f"a layer after them works, e.g. layer '{working[-1]}' (CLI: -l {working[-1]})"
 
 
-def _with_dynamic_batch(static: Rewritten, request: RewriteRequest) -> Rewritten:
+def _with_dynamic_batch(static: Rewritten, request: RewriteRequest, threads: int = 0) -> Rewritten:
     input_name = static.input
     if _is_dynamic(static.model, input_name):
         static.batch_dynamic = True  # exported with a dynamic batch: nothing to verify
         _store_metadata(static)
     elif request.dynamic_batch:
-        dynamic = _try_dynamic_batch(static)
+        dynamic = _try_dynamic_batch(static, threads)
         if dynamic is not None:
             return dynamic
     return static
@@ -419,7 +420,7 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> onnx.ModelPro
     return dynamic
 
 
-def _try_dynamic_batch(static: Rewritten) -> Rewritten | None:
+def _try_dynamic_batch(static: Rewritten, threads: int = 0) -> Rewritten | None:
     """Make the batch dynamic if a batch of 3 gives the same results as 3 single runs."""
     dynamic_model = make_batch_dynamic(static.model, static.input)
     try:
@@ -427,6 +428,8 @@ def _try_dynamic_batch(static: Rewritten) -> Rewritten | None:
 
         options = ort.SessionOptions()
         options.log_severity_level = 4
+        if threads:
+            options.intra_op_num_threads = threads
         session = large_models.session(dynamic_model, options, ["CPUExecutionProvider"])
         feeds = _probe_feeds(session, batch=3)
         batched = session.run(None, feeds)
@@ -456,49 +459,16 @@ def _probe_feeds(session, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-# -- cache ------------------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """$ONNXCAM_CACHE_DIR, else $XDG_CACHE_HOME/onnxcam, else ~/.cache/onnxcam."""
-    if os.environ.get("ONNXCAM_CACHE_DIR"):
-        return Path(os.environ["ONNXCAM_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "onnxcam"
-
-
-def _code_fingerprint() -> str:
-    """Hash of the code that shapes a rewrite, so a changed rule invalidates the cache."""
-    digest = hashlib.sha256()
-    here = Path(__file__).parent
-    for path in sorted([here / "surgery.py", *(here / "autodiff").glob("*.py")]):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def cache_key(model: onnx.ModelProto, request: RewriteRequest) -> str:
-    """Content hash of the model, the request and the code that builds the rewrite."""
-    digest = large_models.fingerprint(model)
-    digest.update(json.dumps(asdict(request), sort_keys=True).encode())
-    digest.update(_code_fingerprint().encode())
-    return digest.hexdigest()[:32]
-
+# -- cache (moved to onnxcam.cache; kept here for callers of the old place) -------------------
 
 def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<model>",
-                   directory: Path | None = None) -> tuple[Rewritten, bool]:
-    """The rewrite from the cache when present (returns ``(rewritten, hit)``), else built and
-    stored atomically (a model over 2 GiB with its weights beside it as ONNX external data,
-    see :mod:`onnxcam.large_models`). An unreadable cache entry is rebuilt, never trusted."""
-    directory = directory or cache_dir()
-    path = directory / f"{cache_key(model, request)}.onnx"
-    if path.exists():
-        try:
-            return Rewritten.from_model(onnx.load(str(path))), True
-        except Exception:  # noqa: BLE001 - a corrupt entry is rebuilt below
-            pass
-    rewritten = rewrite(model, request, source)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        large_models.save(rewritten.model, path)
-    except OSError:
-        pass  # a read-only cache only costs the next run a rewrite
-    return rewritten, False
+                   directory: Path | None = None, threads: int = 0) -> tuple[Rewritten, bool]:
+    """See :func:`onnxcam.cache.cached_rewrite`."""
+    from .cache import cached_rewrite as cached  # the cache builds on this module
+    return cached(model, request, source, directory, threads)
+
+
+def cache_dir() -> Path:
+    """See :func:`onnxcam.cache.cache_dir`."""
+    from .cache import cache_dir as folder
+    return folder()

@@ -16,7 +16,7 @@ import pytest
 
 from onnxcam import large_models
 from onnxcam.cli import app
-from onnxcam.errors import ModelError
+from onnxcam.errors import ModelError, OnnxcamWarning
 from onnxcam.explainer import Explainer
 from onnxcam.model import load_model, with_shapes
 from onnxcam.surgery import RewriteRequest, cached_rewrite
@@ -134,8 +134,9 @@ def test_large_rewrites_are_cached_as_external_data_and_reloaded(big_path, tmp_p
     request = RewriteRequest(("features",), "logits")
     rewritten, hit = cached_rewrite(model, request, directory=tmp_path)
     assert not hit
-    entries = sorted(p.name for p in tmp_path.iterdir())
+    entries = sorted(p.name for p in tmp_path.iterdir() if ".onnx" in p.name)
     assert len(entries) == 2 and entries[1] == entries[0] + ".data", entries
+    assert (tmp_path / entries[0]).with_suffix(".json").is_file()  # the manifest, with both digests
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
 
     # Stock onnxruntime loads the cache entry from its path, external data and all, and gives
@@ -157,7 +158,8 @@ def test_truncated_external_data_in_the_cache_is_rebuilt(big_path, tmp_path):
     cached_rewrite(model, request, directory=tmp_path)
     data = next(p for p in tmp_path.iterdir() if p.name.endswith(".data"))
     data.write_bytes(data.read_bytes()[:100])
-    _, hit = cached_rewrite(model, request, directory=tmp_path)
+    with pytest.warns(OnnxcamWarning, match=f"{data} has 100 bytes.*rebuilding it"):
+        _, hit = cached_rewrite(model, request, directory=tmp_path)
     assert not hit
     assert data.stat().st_size > 100  # rewritten whole
 
