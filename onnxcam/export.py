@@ -77,6 +77,9 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
     """
     spec = _exportable(method)
     explainer = Explainer(model, layer=layer, output=output, input_size=input_size)
+    if explainer.dense is not None:
+        raise OnnxcamError(f"{explainer.source}: output '{explainer.logits_name}' is a {explainer.dense.kind} "
+                           "output; the self-explaining export takes class-score outputs [N, C] only")
     chosen = explainer.targets_layers[0]
     request = RewriteRequest((chosen.name,), explainer.logits_name, gradient=spec.needs_gradient)
     rewritten, _ = cached_rewrite(explainer.graph.model, request, explainer.source)
