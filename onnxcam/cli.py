@@ -202,14 +202,15 @@ def explain(
 
 def _dense_targets(explainer: Explainer, targets, region: Optional[str], anchor: Optional[int],
                    box_values: int, pictures: list[np.ndarray]) -> Optional[list]:
-    """Per-image targets for a segmentation or detection output (None for class scores)."""
+    """Per-image targets for a segmentation or detection output given a region or an anchor
+    (None: the targets apply as they are)."""
     if explainer.dense is None:
         if region is not None or anchor is not None:
             raise TargetError(f"--region and --anchor explain segmentation and detection outputs; "
                               f"'{explainer.logits_name}' holds class scores")
         return None
-    if isinstance(targets, np.ndarray):
-        return None  # a seed file: checked against the output's shape by the explainer
+    if isinstance(targets, np.ndarray) or (region is None and anchor is None and box_values == 4):
+        return None  # classes (or a seed file) go to the explainer as they are
     return dense.image_targets(explainer.dense, targets, dense.parse_region(region), anchor, box_values,
                                [p.shape[:2] for p in pictures])
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OnnxcamError, TargetError
+from .errors import TargetError
 from .model import Layer, ModelGraph
 from .targets import TargetSet
 
@@ -103,19 +103,28 @@ def output_of(graph: ModelGraph, name: str) -> DenseOutput | None:
     return DenseOutput("detection", name, shape)
 
 
-def check_output(graph: ModelGraph, name: str, dense_target: bool) -> DenseOutput | None:
-    """The dense output ``name`` is when a region or detection target explains it; raises the
-    one-line error for an output that is neither [N, C] nor dense-explainable."""
-    dense = output_of(graph, name)
-    dims = graph.dims(name)
-    if dense is None and dims is not None and len(dims) != 2:
-        raise OnnxcamError(f"{graph.source}: output '{name}' has shape {list(dims)}: not a class-score "
-                           "vector [N, C], a segmentation map [N, K, H, W] or a detection head "
-                           "[N, 4+K, anchors]; choose another with --output")
-    if dense is not None and not dense_target and dense.kind == "detection" and min(dense.shape) < 5:
-        raise OnnxcamError(f"{graph.source}: output '{name}' has shape {list(dims)}: too small for a "
-                           "detection head (4 box values + classes)")
-    return dense
+def check_target(dense: DenseOutput, named: bool, targets) -> None:
+    """A dense tensor picked by name (``output=``, ``--output``) is explained only with a dense
+    target (a :class:`SegmentationTarget` / :class:`DetectionTarget`, a seed of its shape; on
+    the command line ``--region`` or ``--anchor``): naming a feature map [N, C, H, W] as the
+    output is more often a mistake than a segmentation map. The model's own (first) output
+    also takes classes and the default target."""
+    if not named or _dense_request(targets):
+        return
+    hint = ("a region (--region argmax|all|x0,y0,x1,y1|mask.png, or SegmentationTarget)"
+            if dense.kind == "segmentation" else "an anchor (--anchor, or DetectionTarget)")
+    raise TargetError(f"output '{dense.name}' has shape [N, {', '.join(map(str, dense.shape))}]: not a "
+                      f"class-score vector [N, C]; to explain it as a {dense.kind} output give {hint}")
+
+
+def _dense_request(targets) -> bool:
+    if isinstance(targets, np.ndarray):
+        return targets.dtype.kind == "f"
+    if isinstance(targets, (SegmentationTarget, DetectionTarget)):
+        return True
+    if isinstance(targets, (list, tuple)):
+        return any(_dense_request(t) for t in targets)
+    return False
 
 
 # -- the default layer -------------------------------------------------------------------------

@@ -314,6 +314,7 @@ class Explainer:
     def resolve_targets(self, targets: Targets, batch: int, topk: int | None = None) -> TargetSet:
         """Targets as seed vectors; see :meth:`explain` for the accepted forms."""
         if self.dense is not None:
+            dense_outputs.check_target(self.dense, self.output is not None, targets)
             return dense_outputs.resolve(self.dense, targets, batch, topk)
         return resolve_targets(targets, batch, self._classes(), topk)
 

@@ -247,6 +247,31 @@ def test_class_that_wins_nowhere_is_refused():
         explainer.explain(x, targets=absent)
 
 
+def test_a_named_dense_output_needs_a_dense_target():
+    """--output naming a feature map [N, C, H, W] is refused unless a region says it is meant
+    as a segmentation map; the model's own dense output takes classes and the default."""
+    model = conv_classifier()
+    model.graph.output.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, None))
+    features = Explainer(model, output="features", layer="features", provider="cpu")
+    x = images(1, (3, 16, 16))
+    with pytest.raises(TargetError, match="'features' has shape \\[N, 12, 8, 8\\]: not a class-score vector"):
+        features.explain(x)
+    with pytest.raises(TargetError, match="give a region"):
+        features.explain(x, targets=3)
+    assert features.explain(x, targets=SegmentationTarget(3, "all")).heatmaps.shape == (1, 16, 16)
+    with_aux = segmenter()[0]  # torchvision's dict output exported as 'out' and 'aux'
+    with_aux.graph.output.append(helper.make_tensor_value_info("scores", TensorProto.FLOAT, None))
+    assert Explainer(with_aux, provider="cpu").logits_name == "out"
+    aux = Explainer(with_aux, output="scores", provider="cpu")
+    assert aux.dense.shape == (CLASSES, H // 2, W // 2)
+    assert aux.explain(images(1), targets=SegmentationTarget(0, "argmax")).heatmaps.shape == (1, H, W)
+    named = Explainer(segmenter()[0], output="out", provider="cpu")
+    with pytest.raises(TargetError, match="not a class-score vector"):
+        named.explain(images(1))
+    assert np.array_equal(named.explain(images(1), targets=SegmentationTarget(1, "all")).heatmaps,
+                          seg_explainer().explain(images(1), targets=SegmentationTarget(1, "all")).heatmaps)
+
+
 def test_self_explaining_export_refuses_dense_outputs(tmp_path):
     from onnxcam.export import export_explained
     with pytest.raises(OnnxcamError, match="segmentation output"):
@@ -357,11 +382,14 @@ def test_cli_mask_file_and_errors(tmp_path):
                              str(tmp_path / "mask.png"), "-o", str(tmp_path / "o1")])
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "o1" / "results.json").read_text())[0]["targets"][0]["region_pixels"] == 35
+    default = runner.invoke(app, ["explain", str(seg_path), str(image), "-o", str(tmp_path / "o3")])
+    assert default.exit_code == 0 and " px score=" in default.output, default.output
     for args, message in (
             ([str(cls_path), str(image), "--region", "all"], "holds class scores"),
             ([str(seg_path), str(image), "--anchor", "3"], "--anchor applies to detection heads"),
             ([str(seg_path), str(image), "--region", "nowhere.png"], "not argmax, all, a box"),
-            ([str(seg_path), str(image), "--topk", "2"], "topk applies")):
+            ([str(seg_path), str(image), "--topk", "2"], "topk applies"),
+            ([str(seg_path), str(image), "--output", "out", "-t", "1"], "not a class-score vector")):
         failed = runner.invoke(app, ["explain", *args, "-o", str(tmp_path / "o2")])
         assert failed.exit_code == 2 and message in failed.output, failed.output
         assert not (tmp_path / "o2").exists()
