@@ -159,6 +159,21 @@ def test_region_gradient_equals_the_closed_form():
     assert list(result.targets) == [1, 2]
 
 
+def test_nhwc_segmentation_output():
+    """An NHWC output [N, H, W, K] (tf2onnx-style): the classes are on the last axis."""
+    model, _ = segmenter()
+    model.graph.node.append(helper.make_node("Transpose", ["out"], ["out_nhwc"], perm=[0, 2, 3, 1], name="nhwc"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("out_nhwc", TensorProto.FLOAT, ["N", H, W, CLASSES]))
+    explainer = Explainer(model, provider="cpu")
+    assert (explainer.dense.class_axis, explainer.dense.classes, explainer.dense.spatial) == (2, CLASSES, (H, W))
+    x = images(2, seed=9)
+    target = SegmentationTarget(2, (1, 3, 12, 9))
+    nhwc, nchw = explainer.explain(x, targets=target), seg_explainer().explain(x, targets=target)
+    assert np.array_equal(np.moveaxis(nhwc.seeds, -1, 2), nchw.seeds)
+    assert np.allclose(nhwc.gradients["features"], nchw.gradients["features"], atol=1e-6)
+
+
 def test_argmax_region_and_default_target():
     """argmax: the pixels where the class wins; no target: the class winning most pixels."""
     explainer = seg_explainer()
@@ -382,6 +397,9 @@ def test_cli_mask_file_and_errors(tmp_path):
                              str(tmp_path / "mask.png"), "-o", str(tmp_path / "o1")])
     assert ok.exit_code == 0, ok.output
     assert json.loads((tmp_path / "o1" / "results.json").read_text())[0]["targets"][0]["region_pixels"] == 35
+    listed = runner.invoke(app, ["layers", str(seg_path)])
+    assert "segmentation output [3, 16, 20]" in listed.output
+    assert [line.split()[1] for line in listed.output.splitlines() if line.startswith("*")] == ["features"]
     default = runner.invoke(app, ["explain", str(seg_path), str(image), "-o", str(tmp_path / "o3")])
     assert default.exit_code == 0 and " px score=" in default.output, default.output
     for args, message in (
