@@ -218,12 +218,10 @@ def _dense_targets(explainer: Explainer, targets, region: Optional[str], anchor:
 def _describe_target(target: dict) -> str:
     if target["target"] < 0:
         return "seed vector"
-    if "score" in target:
-        label = f" ({target['label']})" if target["label"] else ""
-        where = (f"anchor {target['anchor']}" if "anchor" in target
-                 else f"{target['region_pixels']} px")
-        return f"class {target['target']}{label} {where} score={target['score']:.3f}"
     label = f" ({target['label']})" if target["label"] else ""
+    if "score" in target:  # a dense output (onnxcam.dense.describe)
+        where = f"anchor {target['anchor']}" if "anchor" in target else f"{target['region_pixels']} px"
+        return f"class {target['target']}{label} {where} score={target['score']:.3f}"
     return f"class {target['target']}{label} p={target['probability']:.3f}"
 
 

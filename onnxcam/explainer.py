@@ -364,6 +364,10 @@ class Explainer:
         explains each image's T best classes. Several targets are explained in one pass (see
         the module docstring) and give ``heatmaps`` (N, T, H, W).
 
+        For a segmentation or detection output (``self.dense``, :mod:`onnxcam.dense`) a target
+        is a class, a ``SegmentationTarget(class, region)`` or a ``DetectionTarget(anchor,
+        class)`` (one, one per image, or (N, T) of them), or a float seed of the output's shape.
+
         ``eigen_smooth`` (activation-space methods) and ``aug_smooth`` (any method: mean over
         horizontal flip x brightness [0.9, 1, 1.1] of the preprocessed input, maps flipped
         back, as pytorch-grad-cam; the targets are those of the unaugmented input) smooth the

@@ -27,11 +27,12 @@ Deterministically (fixed seeds, one thread):
    pytorch-grad-cam's maps for Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM, LayerCAM and
    Score-CAM with ``SemanticSegmentationTarget``.
 5. With ``--check-defaults``: torchvision's full ``fcn_resnet50``,
-   ``deeplabv3_mobilenet_v3_large`` and ``lraspp_mobilenet_v3_large`` (random weights, 21
-   classes, aux heads where the constructor has them) are exported to a temporary folder
-   and onnxcam's default layer is compared, by value, with the backbone's output that
-   pytorch-grad-cam's tutorials explain (``backbone.layer4`` / the last ``features``
-   block). Only the outcome goes into provenance.json.
+   ``deeplabv3_mobilenet_v3_large`` and ``lraspp_mobilenet_v3_large`` (random weights,
+   BatchNorm calibrated, 21 classes, aux heads where the constructor has them) are exported
+   to a temporary folder; onnxcam's default layer is compared, by value, with the backbone's
+   output that pytorch-grad-cam's tutorials explain (``backbone.layer4`` / the last
+   ``features`` block), and onnxcam's Grad-CAM there with pytorch-grad-cam's for the
+   dominant class over its argmax region. Only the outcome goes into provenance.json.
 
 Usage::
 
@@ -167,11 +168,11 @@ def torch_reference(model: nn.Module, layer: nn.Module, x: np.ndarray, classes: 
             "gradient": gradient.numpy()}
 
 
-def pgc_maps(model: nn.Module, layer: nn.Module, x: np.ndarray, classes: np.ndarray,
-             masks: np.ndarray) -> dict[str, np.ndarray]:
+def pgc_maps_for(model: nn.Module, layer: nn.Module, x: np.ndarray, classes, masks: np.ndarray,
+                 methods: dict[str, type] = PGC_METHODS) -> dict[str, np.ndarray]:
     targets = [SemanticSegmentationTarget(int(c), m) for c, m in zip(classes, masks)]
     maps = {}
-    for key, cls in PGC_METHODS.items():
+    for key, cls in methods.items():
         with cls(model=model, target_layers=[layer]) as cam:
             maps[key] = np.asarray(cam(input_tensor=torch.from_numpy(x), targets=targets), np.float32)
     return maps
@@ -211,7 +212,7 @@ def make_fixture(out: Path) -> dict:
     arrays: dict[str, np.ndarray] = {"input": x, "classes": classes, "masks": masks,
                                      "box": np.array(BOX, np.int64), "layer": np.array(name)}
     arrays.update(torch_reference(model, layer, x, classes, masks))
-    arrays.update(pgc_maps(model, layer, x, classes, masks))
+    arrays.update(pgc_maps_for(model, layer, x, classes, masks))
     ref.write_npz(out / "reference.npz", arrays)
     size = (out / "reference.npz").stat().st_size
     if size > MAX_BYTES:
@@ -222,6 +223,20 @@ def make_fixture(out: Path) -> dict:
             "mask_pixels": masks.sum(axis=(1, 2)).astype(int).tolist(),
             "activation_shape": list(arrays["activation"].shape),
             "model_bytes": (out / "model.onnx").stat().st_size, "reference_bytes": size}
+
+
+def gradcam_agreement(model: nn.Module, layer: nn.Module, path: Path, x: np.ndarray) -> dict:
+    """onnxcam's Grad-CAM at its default layer vs pytorch-grad-cam's at ``layer``, for the
+    class winning the most pixels over its argmax region."""
+    from onnxcam import SegmentationTarget
+    result = Explainer(path, provider="cpu", cache=False).explain(x, "gradcam", targets=SegmentationTarget())
+    category = int(result.targets[0])
+    mask = result.seeds[0, 0, category]
+    theirs = pgc_maps_for(model, layer, x, [category], mask[None], {"gradcam": pgc.GradCAM})["gradcam"]
+    ours = result.heatmaps
+    return {"gradcam_class": category, "gradcam_region_pixels": int(mask.sum()),
+            "gradcam_correlation": float(np.corrcoef(ours.reshape(-1), theirs.reshape(-1))[0, 1]),
+            "gradcam_max_abs_diff": float(np.abs(ours - theirs).max())}
 
 
 def check_defaults() -> dict:
@@ -250,8 +265,10 @@ def check_defaults() -> dict:
             default, candidates = default_of(path)
             name = onnx_name_of(Out(net), net.get_submodule(module), proto, x, candidates, f"{key}.{module}")
             found[key] = {"module": module, "layer": name, "onnxcam_default_layer": default,
-                          "default_is_layer": default == name, "outputs": list(outputs)}
-            print(f"{key}: backbone output {name}, onnxcam default {default}")
+                          "default_is_layer": default == name, "outputs": list(outputs),
+                          **gradcam_agreement(Out(net).eval(), net.get_submodule(module), path, x)}
+            print(f"{key}: backbone output {name}, onnxcam default {default}, Grad-CAM vs "
+                  f"pytorch-grad-cam r = {found[key]['gradcam_correlation']:.6f}")
     return found
 
 
