@@ -337,6 +337,60 @@ def test_eigencam_on_a_detector_is_class_agnostic():
     assert np.array_equal(one.heatmaps, other.heatmaps) and one.heatmaps.max() > 0
 
 
+def yolo_like():
+    """Two scales, YOLOv5-style anchors-first output with objectness: input [N,3,32,32] ->
+    Conv s2 + Relu 'p3' [8,16,16] -> Conv s2 + Relu 'p4' [8,8,8]; a 1x1 head per scale
+    (4 box + 1 objectness + 2 classes = 7), flattened, concatenated (256 + 64 anchors),
+    Sigmoid on objectness and classes, transposed to 'det' [N, 320, 7]."""
+    rng = np.random.default_rng(11)
+    init = {name: rng.normal(0, 0.4, shape).astype(np.float32) for name, shape in (
+        ("w3", (8, 3, 3, 3)), ("w4", (8, 8, 3, 3)), ("h3", (7, 8, 1, 1)), ("h4", (7, 8, 1, 1)))}
+    init.update({"s3": np.array([0, 7, 256], np.int64), "s4": np.array([0, 7, 64], np.int64),
+                 "zero": np.array([0], np.int64), "four": np.array([4], np.int64),
+                 "seven": np.array([7], np.int64), "one": np.array([1], np.int64)})
+    nodes = [
+        helper.make_node("Conv", ["input", "w3"], ["c3"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c3"], ["p3"]),
+        helper.make_node("Conv", ["p3", "w4"], ["c4"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c4"], ["p4"]),
+        helper.make_node("Conv", ["p3", "h3"], ["o3"]), helper.make_node("Reshape", ["o3", "s3"], ["f3"]),
+        helper.make_node("Conv", ["p4", "h4"], ["o4"]), helper.make_node("Reshape", ["o4", "s4"], ["f4"]),
+        helper.make_node("Concat", ["f3", "f4"], ["raw"], axis=2),
+        helper.make_node("Slice", ["raw", "zero", "four", "one"], ["boxes"]),
+        helper.make_node("Slice", ["raw", "four", "seven", "one"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["scores"]),
+        helper.make_node("Concat", ["boxes", "scores"], ["joined"], axis=1),
+        helper.make_node("Transpose", ["joined"], ["det"], perm=[0, 2, 1]),
+    ]
+    model = build_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                        [helper.make_tensor_value_info("det", TensorProto.FLOAT, ["N", 320, 7])], init)
+    return model, init
+
+
+def test_multi_scale_detector_with_objectness():
+    """The default layer is the coarsest neck output 'p4'; an anchor of that scale (256 + k)
+    with ``boxes=5`` seeds det[a, 5 + c] = sigmoid(z): at 'p4' the gradient is
+    sigmoid'(z) * kernel row at cell k and zero elsewhere; an anchor of the finer scale does
+    not reach 'p4' at all (its head reads 'p3')."""
+    model, init = yolo_like()
+    explainer = Explainer(model, provider="cpu")
+    assert explainer.targets_layers[0].name == "p4"
+    x = images(2, (3, 32, 32), seed=12)
+    det = explainer.forward(x)["det"]
+    result = explainer.explain(x, targets=[[DetectionTarget(256 + 21, 1, boxes=5), DetectionTarget(40, 0, boxes=5)]])
+    gradients = result.gradients["p4"]  # (N, T, 8, 8, 8)
+    for n in range(2):
+        score = det[n, 256 + 21, 6]
+        expected = np.zeros((8, 8, 8), np.float32)
+        expected[:, 21 // 8, 21 % 8] = score * (1 - score) * init["h4"][6, :, 0, 0]
+        assert np.allclose(gradients[n, 0], expected, atol=1e-6)
+        assert not gradients[n, 1].any()
+    eigen = explainer.explain(x, "eigencam")
+    assert eigen.heatmaps.shape == (2, 32, 32) and eigen.heatmaps.max() > 0
+    best = explainer.explain(x, targets=DetectionTarget(boxes=5))
+    assert list(best.targets) == [int(np.unravel_index(np.argmax(d[:, 5:]), d[:, 5:].shape)[1]) for d in det]
+
+
 def test_bad_detection_targets():
     explainer = Explainer(detector()[0], provider="cpu")
     x = images(1, (3, 16, 16))
