@@ -57,8 +57,9 @@ def layers(
         fail(str(exc))
         return
     if as_json:
+        kind = {"output_kind": explainer.dense.kind, "output_shape": list(explainer.dense.shape)} if explainer.dense else {}
         typer.echo(json.dumps({"logits": explainer.logits_name, "input_layout": explainer.input_layout,
-                               "layers": [l.__dict__ for l in found]}, indent=1))
+                               **kind, "layers": [l.__dict__ for l in found]}, indent=1))
         return
     kind = f"   {explainer.dense.kind} output {list(explainer.dense.shape)}" if explainer.dense else ""
     typer.echo(f"explaining output: {explainer.logits_name}   input layout: {explainer.input_layout}{kind}")

@@ -453,6 +453,8 @@ def test_cli_mask_file_and_errors(tmp_path):
     assert json.loads((tmp_path / "o1" / "results.json").read_text())[0]["targets"][0]["region_pixels"] == 35
     listed = runner.invoke(app, ["layers", str(seg_path)])
     assert "segmentation output [3, 16, 20]" in listed.output
+    listed_json = json.loads(runner.invoke(app, ["layers", str(seg_path), "--json"]).output)
+    assert (listed_json["output_kind"], listed_json["output_shape"]) == ("segmentation", [3, 16, 20])
     assert [line.split()[1] for line in listed.output.splitlines() if line.startswith("*")] == ["features"]
     default = runner.invoke(app, ["explain", str(seg_path), str(image), "-o", str(tmp_path / "o3")])
     assert default.exit_code == 0 and " px score=" in default.output, default.output
