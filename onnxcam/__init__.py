@@ -13,8 +13,10 @@ The package follows the data's way:
     images.py      images in; visualize.py maps out; metrics.py how maps agree with boxes
     explainer.py   the Python API; cli.py the command line; demo.py the bundled demo
     export.py      self-explaining models: heatmap computed in the exported ONNX graph
+    dense.py       segmentation regions and detection anchors as seeds on a dense output
 """
 
+from .dense import DetectionTarget, SegmentationTarget
 from .errors import ImageError, LayerError, ModelError, OnnxcamError, TargetError, UnsupportedOpError
 from .explainer import ChannelImportance, Explainer, Explanation, Options
 from .export import export_explained, save_explained
@@ -23,5 +25,5 @@ from .methods import METHODS
 from .model import Layer
 
 __version__ = "0.1.0"
-__all__ = ["ChannelImportance", "Explainer", "Explanation", "Options", "export_explained", "save_explained", "Layer", "METHODS", "Preprocess", "load_image", "ImageError",
+__all__ = ["SegmentationTarget", "DetectionTarget", "ChannelImportance", "Explainer", "Explanation", "Options", "export_explained", "save_explained", "Layer", "METHODS", "Preprocess", "load_image", "ImageError",
            "LayerError", "ModelError", "OnnxcamError", "TargetError", "UnsupportedOpError"]

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from . import dense
 from .errors import OnnxcamError, TargetError
 from .explainer import Explainer
 from .deploy import CHECK_TOLERANCE, DEFAULT_ORT_WEB, check_export, write_triton, write_web
@@ -57,10 +58,12 @@ def layers(
         fail(str(exc))
         return
     if as_json:
+        kind = {"output_kind": explainer.dense.kind, "output_shape": list(explainer.dense.shape)} if explainer.dense else {}
         typer.echo(json.dumps({"logits": explainer.logits_name, "input_layout": explainer.input_layout,
-                               "layers": [l.__dict__ for l in found]}, indent=1))
+                               **kind, "layers": [l.__dict__ for l in found]}, indent=1))
         return
-    typer.echo(f"explaining output: {explainer.logits_name}   input layout: {explainer.input_layout}")
+    kind = f"   {explainer.dense.kind} output {list(explainer.dense.shape)}" if explainer.dense else ""
+    typer.echo(f"explaining output: {explainer.logits_name}   input layout: {explainer.input_layout}{kind}")
     width = max(len(l.name) for l in found)
     typer.echo(f"  {'tensor':<{width}}  {'op':<18} {'C,H,W':<16} layout")
     for layer in found:
@@ -148,6 +151,9 @@ def explain(
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="rewrite the model without the rewrite cache")] = False,
     threads: Annotated[int, typer.Option("--threads", min=0, help="onnxruntime intra-op threads (0: one per core)")] = 0,
+    region: Annotated[Optional[str], typer.Option("--region", help="segmentation: argmax, all, x0,y0,x1,y1 (image pixels) or a mask image")] = None,
+    anchor: Annotated[Optional[int], typer.Option("--anchor", help="detection head: the anchor (column) to explain; default the best")] = None,
+    box_values: Annotated[int, typer.Option("--box-values", help="detection head: values before the class scores (4, 5 with objectness)")] = 4,
 ) -> None:
     """Explain IMAGES with MODEL; writes overlays, optional .npy maps and results.json."""
     try:
@@ -165,6 +171,7 @@ def explain(
         preprocess = explainer.preprocess(preset, size, mean=_floats(mean, "--mean"),
                                           std=_floats(std, "--std"), scale=scale)
         pictures = [load_image(path) for path in images]  # every image decodes before any output
+        per_image = _dense_targets(explainer, targets, region, anchor, box_values, pictures)
         stems = _unique_stems(images)
         records: list[dict] = []
         files: dict[str, bytes] = {}
@@ -172,12 +179,14 @@ def explain(
             chunk = pictures[start:start + batch_size]
             started = time.perf_counter()
             x = preprocess(chunk)
-            result = explainer.explain(x, method=method, targets=targets, **options)
-            importance = explainer.channels(x, method, targets, k=channels, **options) if channels else None
+            chunk_targets = targets if per_image is None else per_image[start:start + batch_size]
+            result = explainer.explain(x, method=method, targets=chunk_targets, **options)
+            importance = explainer.channels(x, method, chunk_targets, k=channels, **options) if channels else None
             seconds = (time.perf_counter() - started) / len(chunk)
             for offset, picture in enumerate(chunk):
                 stem = stems[start + offset]
-                record = _explained_image(result, offset, picture, stem, method, labels, npy, files)
+                record = _explained_image(result, offset, picture, stem, method, labels, npy, files,
+                                          explainer.dense)
                 record.update(file=str(images[start + offset]), seconds=round(seconds, 4))
                 if importance is not None:
                     record["channels"] = _channel_record(importance, offset, picture, stem, files)
@@ -195,15 +204,34 @@ def explain(
     typer.echo(f"wrote {len(files)} files to {outdir}")
 
 
+def _dense_targets(explainer: Explainer, targets, region: Optional[str], anchor: Optional[int],
+                   box_values: int, pictures: list[np.ndarray]) -> Optional[list]:
+    """Per-image targets for a segmentation or detection output given a region or an anchor
+    (None: the targets apply as they are)."""
+    if explainer.dense is None:
+        if region is not None or anchor is not None:
+            raise TargetError(f"--region and --anchor explain segmentation and detection outputs; "
+                              f"'{explainer.logits_name}' holds class scores")
+        return None
+    if isinstance(targets, np.ndarray) or (region is None and anchor is None and box_values == 4):
+        return None  # classes (or a seed file) go to the explainer as they are
+    return dense.image_targets(explainer.dense, targets, dense.parse_region(region), anchor, box_values,
+                               [p.shape[:2] for p in pictures])
+
+
 def _describe_target(target: dict) -> str:
     if target["target"] < 0:
         return "seed vector"
     label = f" ({target['label']})" if target["label"] else ""
+    if "score" in target:  # a dense output (onnxcam.dense.describe)
+        where = f"anchor {target['anchor']}" if "anchor" in target else f"{target['region_pixels']} px"
+        return f"class {target['target']}{label} {where} score={target['score']:.3f}"
     return f"class {target['target']}{label} p={target['probability']:.3f}"
 
 
 def _explained_image(result, index: int, picture: np.ndarray, stem: str, method: str,
-                     labels: Optional[list[str]], npy: bool, files: dict[str, bytes]) -> dict:
+                     labels: Optional[list[str]], npy: bool, files: dict[str, bytes],
+                     dense_output: Optional[dense.DenseOutput] = None) -> dict:
     """Overlays (and .npy maps) of one image, one per target, and its results.json record."""
     targets = []
     classes = result.targets[index].reshape(-1)
@@ -216,9 +244,11 @@ def _explained_image(result, index: int, picture: np.ndarray, stem: str, method:
             files[f"{name}.npy"] = _npy_bytes(heatmap)
         targets.append({
             "target": cls, "label": labels[cls] if labels and 0 <= cls < len(labels) else None,
-            "probability": float(result.probabilities[index, cls]) if cls >= 0 else None,
+            "probability": float(result.probabilities[index, cls]) if cls >= 0 and dense_output is None else None,
             "overlay": f"{name}.png",
         })
+        if dense_output is not None:
+            targets[-1].update(dense.describe(dense_output, result.logits[index], result.seeds[index, slot]))
     record = {"target": targets[0]["target"], "label": targets[0]["label"],
               "probability": targets[0]["probability"], "targets": targets,
               "layer": result.layer, "method": method, "provider": result.provider}

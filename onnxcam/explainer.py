@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import perturbation, pixel
+from . import dense as dense_outputs, perturbation, pixel
 from .errors import LayerError, OnnxcamError, TargetError, UnsupportedOpError
 from .head import linear_head
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
@@ -164,9 +164,11 @@ class Explainer:
         self._proto = proto
         self.output = output
         self.logits_name = self.graph.logits(output)
+        #: a segmentation or detection output (onnxcam.dense), None for class scores [N, C]
+        self.dense = dense_outputs.output_of(self.graph, self.logits_name)
         self.input_layout = self.graph.input_layout()
         if layer is None:
-            chosen = [next(l for l in self.graph.layers(output) if l.default)]
+            chosen = [next(l for l in self.layers() if l.default)]
         else:
             names = [layer] if isinstance(layer, str) else list(layer)
             chosen = [self.graph.find_layer(name, output) for name in names]
@@ -188,10 +190,15 @@ class Explainer:
     # -- inspection ---------------------------------------------------------------------------
     def layers(self) -> list[Layer]:
         """The candidate spatial activations, the default one marked."""
-        return self.graph.layers(self.output)
+        found = self.graph.layers(self.output)
+        if self.dense is None:
+            return found
+        return dense_outputs.mark_default(found, dense_outputs.default_layer(self.graph, found, self.dense))
 
     @property
     def num_classes(self) -> int | None:
+        if self.dense is not None:
+            return self.dense.classes
         dims = self.graph.dims(self.logits_name)
         return dims[-1] if dims and isinstance(dims[-1], int) else None
 
@@ -309,6 +316,9 @@ class Explainer:
 
     def resolve_targets(self, targets: Targets, batch: int, topk: int | None = None) -> TargetSet:
         """Targets as seed vectors; see :meth:`explain` for the accepted forms."""
+        if self.dense is not None:
+            dense_outputs.check_target(self.dense, self.output is not None, targets)
+            return dense_outputs.resolve(self.dense, targets, batch, topk)
         return resolve_targets(targets, batch, self._classes(), topk)
 
     def _classes(self) -> int:
@@ -357,6 +367,10 @@ class Explainer:
         explains each image's T best classes. Several targets are explained in one pass (see
         the module docstring) and give ``heatmaps`` (N, T, H, W).
 
+        For a segmentation or detection output (``self.dense``, :mod:`onnxcam.dense`) a target
+        is a class, a ``SegmentationTarget(class, region)`` or a ``DetectionTarget(anchor,
+        class)`` (one, one per image, or (N, T) of them), or a float seed of the output's shape.
+
         ``eigen_smooth`` (activation-space methods) and ``aug_smooth`` (any method: mean over
         horizontal flip x brightness [0.9, 1, 1.1] of the preprocessed input, maps flipped
         back, as pytorch-grad-cam; the targets are those of the unaugmented input) smooth the
@@ -369,6 +383,8 @@ class Explainer:
         options = Options(eigen_smooth, batch_size, max_channels, samples, noise, steps, baseline, seed)
         _check_options(spec, options)
         wanted = self.resolve_targets(targets, len(x), topk)
+        if aug_smooth and self.dense is not None:
+            raise OnnxcamError(f"aug_smooth flips the image but not a {self.dense.kind} target: not for dense outputs")
         if aug_smooth:
             return self._augmented(x, spec, wanted, options)
         return self._explain(x, spec, wanted, options)
@@ -382,7 +398,7 @@ class Explainer:
     def _explain(self, x: np.ndarray, spec: Method, wanted: TargetSet, options: Options) -> Explanation:
         started = time.perf_counter()
         forward = _Lazy(lambda: self.forward(x))
-        in_graph_top1 = not wanted.multi and (
+        in_graph_top1 = wanted.resolver is None and not wanted.multi and (
             spec.kind == "gradient" or spec.name in ("saliency", "guided-backprop", "guided-gradcam"))
         if wanted.seeds is None and not in_graph_top1:
             wanted = wanted.resolve(forward()[self.logits_name])
@@ -440,7 +456,7 @@ class Explainer:
         """d (s_t . logits) / d A for every target t: the head fed each activation T times;
         layers whose head cannot be cut fall back to the full model on x repeated T times."""
         count, targets = seeds.shape[:2]
-        flat = seeds.reshape(count * targets, -1)
+        flat = seeds.reshape((count * targets,) + seeds.shape[2:])
         gradients, provider, fallback = {}, "cpu", []
         for layer in self.targets_layers:
             try:

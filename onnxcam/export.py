@@ -97,6 +97,9 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
         raise OnnxcamError(f"topk must be at least 1, got {topk}")
     explainer = Explainer(model, layer=layer, output=output, input_size=input_size, cache=cache,
                           threads=threads)
+    if explainer.dense is not None:
+        raise OnnxcamError(f"{explainer.source}: output '{explainer.logits_name}' is a {explainer.dense.kind} "
+                           "output; the self-explaining export takes class-score outputs [N, C] only")
     chosen = explainer.targets_layers[0]
     classes = explainer.num_classes
     if topk is not None and classes is not None and topk > classes:

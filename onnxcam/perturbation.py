@@ -91,9 +91,16 @@ def scorecam_weights(x: np.ndarray, A: np.ndarray, seeds: np.ndarray, forward: F
         logits = np.concatenate([
             forward(_masked(x[n], upsampled_masks(distinct[start:start + batch_size], size), layout))
             for start in range(0, len(distinct), batch_size)])
-        scores = (logits @ seeds[n].T)[which]  # (kept, T): each channel gets its mask's score
+        scores = target_scores(logits, seeds[n])[which]  # (kept, T): each channel gets its mask's score
         weights[n][:, kept] = softmax(scores.T.astype(np.float64), axis=-1)
     return weights
+
+
+def target_scores(outputs: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """``s_t . y_b`` for outputs (B, ...) and seeds (T, ...) of one shape: (B, T). Logits
+    (B, C) and seed vectors (T, C), or dense outputs and seeds of their shape
+    (:mod:`onnxcam.dense`), flattened."""
+    return outputs.reshape(len(outputs), -1) @ seeds.reshape(len(seeds), -1).T
 
 
 def distinct_masks(activations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,13 +149,13 @@ def ablationcam_weights(A: np.ndarray, seeds: np.ndarray, head: HeadFn,
     weights = np.zeros(seeds.shape[:2] + (channels,), np.float32)
     for n in range(len(A)):
         value = ablation_value(A[n])
-        original = head(A[n][None], n)[0] @ seeds[n].T  # (T,)
+        original = target_scores(head(A[n][None], n), seeds[n])[0]  # (T,)
         ablated = []
         for start in range(0, channels, batch_size):
             indices = np.arange(start, min(start + batch_size, channels))
             batch = np.repeat(A[n][None], len(indices), axis=0)
             batch[np.arange(len(indices)), indices] = value
-            ablated.append(head(batch, n) @ seeds[n].T)
+            ablated.append(target_scores(head(batch, n), seeds[n]))
         drops = original[None, :] - np.concatenate(ablated)  # (K, T)
         scale = np.where(original != 0, original, 1.0)
         weights[n] = (drops / scale).T

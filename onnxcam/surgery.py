@@ -5,7 +5,9 @@ The rewritten model has
 * inputs: the model's own image input, and ``onnxcam_seed`` [N, K] (K = number of logits):
   the weights of the linear functional ``score = sum(seed * logits)`` whose gradient is taken.
   A row of zeros means "the top-1 class": it is replaced in-graph by the one-hot of
-  ``argmax(logits)``, so the usual explanation costs a single run;
+  ``argmax(logits)``, so the usual explanation costs a single run. For a dense output
+  (segmentation [N, K, H, W], detection [N, 4+K, A]) the seed has the output's shape and is
+  used as given (:mod:`onnxcam.dense` builds it from a class and a region or an anchor);
 * outputs: the logits, each chosen activation ``A`` and ``onnxcam_grad/<A>`` = d score / d A,
   plus ``onnxcam_grad/<input>`` when the input gradient was asked for (pixel-space methods).
 
@@ -293,7 +295,10 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
     emitter = Emitter(graph, opset, float_dtype)
     seed_in = gs.Variable(SEED, dtype=float_dtype, shape=list(logits.shape or [None, None]))
     graph.inputs.append(seed_in)
-    seed = _default_to_top1(emitter, seed_in, logits)
+    # a class-score vector [N, C]: an all-zero row means top-1; a dense output's seed (the
+    # output's shape, onnxcam.dense) is always given, and used as is
+    dense = logits.shape is not None and len(logits.shape) != 2
+    seed = seed_in if dense else _default_to_top1(emitter, seed_in, logits)
     try:
         grads = build_gradients(emitter, logits, seed, wrt, rules)
     except UnsupportedOpError as exc:

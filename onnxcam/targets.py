@@ -8,8 +8,8 @@ classes per image, seed vectors or ``topk``; :func:`resolve_targets` turns every
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,16 +21,21 @@ Targets = int | Sequence[int] | Sequence[Sequence[int]] | np.ndarray | None
 @dataclass
 class TargetSet:
     """Targets as seed vectors (N, T, C) and classes (N, T) (-1 for a seed vector);
-    ``seeds`` None until the logits pick the top ``topk`` (1 for the default)."""
+    ``seeds`` None until the logits pick the top ``topk`` (1 for the default), or until
+    ``resolver`` builds them from the model's output (dense outputs, :mod:`onnxcam.dense`,
+    whose seeds have the output's shape: (N, T, *output)."""
 
     seeds: np.ndarray | None
     classes: np.ndarray | None
     multi: bool
     topk: int = 1
+    resolver: Callable[[np.ndarray], TargetSet] | None = field(default=None, repr=False)
 
     def resolve(self, logits: np.ndarray) -> TargetSet:
         if self.seeds is not None:
             return self
+        if self.resolver is not None:
+            return self.resolver(logits)
         classes = np.argsort(-logits, axis=1, kind="stable")[:, :self.topk]
         return TargetSet(one_hot(classes, logits.shape[1]), classes, self.multi, self.topk)
 
