@@ -38,3 +38,7 @@ class ImageError(OnnxcamError):
 
 class TargetError(OnnxcamError):
     """A target class is out of range or not found in the labels."""
+
+
+class OnnxcamWarning(UserWarning):
+    """Something onnxcam did not refuse but the user should know (the CLI prints ``warning: ...``)."""
