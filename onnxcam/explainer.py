@@ -90,9 +90,10 @@ class Explanation:
 
     @property
     def probabilities(self) -> np.ndarray:
-        shifted = self.logits - self.logits.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        return exp / exp.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # non-finite logits give NaN (see ``finite``)
+            shifted = self.logits - self.logits.max(axis=1, keepdims=True)
+            exp = np.exp(shifted)
+            return exp / exp.sum(axis=1, keepdims=True)
 
 
 @dataclass

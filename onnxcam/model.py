@@ -379,7 +379,7 @@ class ModelGraph:
                     continue
                 candidates.append(Layer(name, node.op_type, node.name, chw, layout))
         if not candidates:
-            hint = (" (the input size is dynamic: give input_size=(H, W); CLI: --size H W)" if self.static_input_hw() is None
+            hint = (" (the input size is dynamic: give input_size=(H, W) (CLI: --size H W))" if self.static_input_hw() is None
                     else "; onnxcam explains convolutional classifiers")
             raise LayerError(
                 f"{self.source}: no spatial activation (a 4-D tensor with H*W > 1 and a known "
