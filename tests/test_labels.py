@@ -4,42 +4,20 @@ from __future__ import annotations
 
 import json
 
-import cv2
-import numpy as np
 import onnx
 import pytest
-from typer.testing import CliRunner
 
 from onnxcam import Explainer, OnnxcamWarning, TargetError
-from onnxcam.cli import app
 from onnxcam.labels import LabelsError, check_labels, load_labels, match_label, split_names
 from tests.conftest import shared_file
+from tests.test_cli import photo, run, tiny  # noqa: F401 - fixtures
 from tests.tiny_models import conv_classifier
-
-
-def run(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
 def imagenet() -> list[str]:
     """The 1001-line list of the shared MobileNets ('background' first, 'crane' twice)."""
     return load_labels(shared_file("models/mobilenet/imagenet_labels.txt"))
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    path = tmp_path / "tiny.onnx"
-    onnx.save(conv_classifier(classes=5), path)
-    return path
-
-
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
-    return path
 
 
 # -- formats -----------------------------------------------------------------------------------

@@ -10,39 +10,19 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-from typer.testing import CliRunner
+from onnx import helper
 
 from onnxcam import Explainer, ModelError, OnnxcamError, OnnxcamWarning, Preprocess
-from onnxcam.cli import app
 from onnxcam.images import load_image
 from onnxcam.validate import json_bytes
+from tests.test_cli import photo, run, tiny  # noqa: F401 - fixtures
 from tests.tiny_models import conv_classifier
-
-
-def run(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def one_error_line(code: int, output: str) -> str:
     lines = [line for line in output.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), output
     return lines[0]
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    path = tmp_path / "tiny.onnx"
-    onnx.save(conv_classifier(), path)
-    return path
-
-
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    cv2.imwrite(str(path), np.random.default_rng(0).integers(10, 255, (40, 60, 3), dtype=np.uint8))
-    return path
 
 
 # -- the command line's numbers ------------------------------------------------------------------
@@ -103,10 +83,11 @@ def nan_for_dark_images() -> onnx.ModelProto:
     return model
 
 
-def test_non_finite_logits_are_reported_per_image_and_json_stays_valid(tmp_path, photo):
+def test_non_finite_logits_are_reported_per_image_and_json_stays_valid(tmp_path):
     onnx.save(nan_for_dark_images(), tmp_path / "nan.onnx")
-    dark = tmp_path / "dark.png"
+    dark, photo = tmp_path / "dark.png", tmp_path / "bright.png"
     cv2.imwrite(str(dark), np.zeros((30, 30, 3), np.uint8))
+    cv2.imwrite(str(photo), np.random.default_rng(0).integers(10, 255, (40, 60, 3), dtype=np.uint8))
     out = tmp_path / "out"
     code, output = run("explain", tmp_path / "nan.onnx", dark, photo, "-o", out, "--preset", "raw", "--npy")
     assert code == 0, output
@@ -117,7 +98,7 @@ def test_non_finite_logits_are_reported_per_image_and_json_stays_valid(tmp_path,
     assert records[0]["probability"] is None
     assert "error" not in records[1] and 0 < records[1]["probability"] <= 1
     assert not (out / "dark.gradcam.png").exists() and not (out / "dark.gradcam.npy").exists()
-    assert (out / "photo.gradcam.png").exists()
+    assert (out / "bright.gradcam.png").exists()
     # the API: the result says which images, and a warning names them
     explainer = Explainer(tmp_path / "nan.onnx")
     x = explainer.preprocess("raw")([load_image(dark), load_image(photo)])
