@@ -405,7 +405,7 @@ class Explainer:
         result = self._augmented(x, spec, wanted, options) if aug_smooth else self._explain(x, spec, wanted, options)
         bad = np.flatnonzero(~result.finite)
         if len(bad):
-            warnings.warn(nonfinite_message(bad), OnnxcamWarning, stacklevel=2)
+            warnings.warn(nonfinite_message(bad, len(x)), OnnxcamWarning, stacklevel=2)
         return result
 
     @staticmethod

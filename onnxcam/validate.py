@@ -51,11 +51,11 @@ def finite_rows(logits: np.ndarray) -> np.ndarray:
     return np.isfinite(logits.reshape(len(logits), -1)).all(axis=1)
 
 
-def nonfinite_message(bad: np.ndarray) -> str:
-    """Why the images at ``bad`` have no map."""
+def nonfinite_message(bad: np.ndarray, count: int) -> str:
+    """Why the images at ``bad`` (indices in a batch of ``count``) have no usable map."""
     which = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-    return (f"the model's outputs are NaN or Inf for image(s) {which}: their targets and maps mean "
-            "nothing (check the preprocessing, or the model with these inputs)")
+    return (f"the model's outputs are NaN or Inf for image(s) {which} of this batch of {count}: their "
+            "targets and maps mean nothing (check the preprocessing, or the model with these inputs)")
 
 
 def json_safe(value: Any) -> Any:

@@ -102,7 +102,7 @@ def test_non_finite_logits_are_reported_per_image_and_json_stays_valid(tmp_path)
     # the API: the result says which images, and a warning names them
     explainer = Explainer(tmp_path / "nan.onnx")
     x = explainer.preprocess("raw")([load_image(dark), load_image(photo)])
-    with pytest.warns(OnnxcamWarning, match=r"image\(s\) 0:"):
+    with pytest.warns(OnnxcamWarning, match=r"image\(s\) 0 of this batch of 2:"):
         result = explainer.explain(x)
     assert result.finite.tolist() == [False, True]
 
