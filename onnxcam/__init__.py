@@ -10,20 +10,21 @@ The package follows the data's way:
     methods.py     maps from activations and gradients (Grad-CAM and relatives)
     perturbation.py  Score-CAM and Ablation-CAM, batched through the same session
     pixel.py       pixel-space maps: saliency, SmoothGrad, guided backprop, integrated gradients
-    images.py      images in; visualize.py maps out; metrics.py how maps agree with boxes
+    images.py      images in; labels.py class names; visualize.py maps out; metrics.py how maps agree with boxes
     explainer.py   the Python API; cli.py the command line; demo.py the bundled demo
     export.py      self-explaining models: heatmap computed in the exported ONNX graph
     dense.py       segmentation regions and detection anchors as seeds on a dense output
 """
 
 from .dense import DetectionTarget, SegmentationTarget
-from .errors import ImageError, LayerError, ModelError, OnnxcamError, TargetError, UnsupportedOpError
+from .errors import ImageError, LayerError, ModelError, OnnxcamError, OnnxcamWarning, TargetError, UnsupportedOpError
 from .explainer import ChannelImportance, Explainer, Explanation, Options
 from .export import export_explained, save_explained
 from .images import Preprocess, load_image
+from .labels import load_labels
 from .methods import METHODS
 from .model import Layer
 
 __version__ = "0.1.0"
-__all__ = ["SegmentationTarget", "DetectionTarget", "ChannelImportance", "Explainer", "Explanation", "Options", "export_explained", "save_explained", "Layer", "METHODS", "Preprocess", "load_image", "ImageError",
-           "LayerError", "ModelError", "OnnxcamError", "TargetError", "UnsupportedOpError"]
+__all__ = ["SegmentationTarget", "DetectionTarget", "ChannelImportance", "Explainer", "Explanation", "Options", "export_explained", "save_explained", "Layer", "METHODS", "Preprocess", "load_image", "load_labels", "ImageError",
+           "LayerError", "ModelError", "OnnxcamError", "OnnxcamWarning", "TargetError", "UnsupportedOpError"]

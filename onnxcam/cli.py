@@ -6,8 +6,11 @@ written unless every image was explained (outputs are computed first, then writt
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,22 +18,68 @@ import numpy as np
 import typer
 
 from . import dense
-from .errors import OnnxcamError, TargetError
+from .errors import OnnxcamError, OnnxcamWarning, TargetError
 from .explainer import Explainer
 from .deploy import CHECK_TOLERANCE, DEFAULT_ORT_WEB, check_export, write_triton, write_web
 from .export import export_explained, exportable_methods, save_explained
-from .images import load_image, load_labels, make_preprocess
+from .images import load_image, make_preprocess
+from .labels import check_labels, load_labels, resolve_name, split_names
 from .methods import METHODS
 from .files import atomic_write_bytes
+from .validate import json_bytes, same_file
 from .visualize import encode_png, overlay, resize_map
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+#: click's base exception (typer may vendor its own click): usage errors derive from it.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (an option out of range, a missing argument) as one ``error:`` line with
+    status 2, like onnxcam's own errors; onnxcam's warnings as one ``warning:`` line."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", OnnxcamWarning)
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+            try:
+                code = super().main(*args, standalone_mode=False, **kwargs)
+            except _CLICK_ERROR as exc:
+                if type(exc).__name__ == "NoArgsIsHelpError":  # bare `onnxcam`: the help
+                    exc.show()
+                    sys.exit(exc.exit_code)
+                command = exc.ctx.command_path if getattr(exc, "ctx", None) else "onnxcam"
+                typer.echo(f"error: {exc.format_message()} (see {command} --help)", err=True)
+                sys.exit(exc.exit_code)
+            except typer.Abort:
+                typer.echo("aborted", err=True)
+                sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_warning(previous, message, category, *args, **kwargs) -> None:
+    if issubclass(category, OnnxcamWarning):
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        previous(message, category, *args, **kwargs)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors,
                   help="Explain ONNX image classifiers: Grad-CAM and relatives, on onnxruntime.")
 
 
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def _finite(ctx: typer.Context, param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
+    """A float option must be a finite number (typer takes "nan" and "inf" as floats)."""
+    if value is not None and not np.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
@@ -48,7 +97,7 @@ def layers(
     model: Annotated[Path, typer.Argument(help="ONNX classifier")],
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
+    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", min=1, help="input H W for dynamic-size models")] = None,
 ) -> None:
     """List the spatial activations that can be explained; * marks the default."""
     try:
@@ -73,37 +122,22 @@ def layers(
 
 
 def resolve_target(text: Optional[str], labels: Optional[list[str]]) -> Optional[int]:
-    """A class index, or a label (exact, then case-insensitive, then unique prefix)."""
+    """A class index, or a label name (:func:`onnxcam.labels.match_label`: every synonym of a
+    line; a name that matches several classes is an error, a partial match is reported)."""
     if text is None:
         return None
-    if text.lstrip("-").isdigit():
-        return int(text)
-    if not labels:
-        raise TargetError(f"target '{text}' is not a class index and no labels are known (give --labels FILE)")
-    for compare in (lambda l: l == text, lambda l: l.lower() == text.lower(),
-                    lambda l: l.lower().split(",")[0].strip() == text.lower()):
-        hits = [i for i, label in enumerate(labels) if compare(label)]
-        if hits:
-            return hits[0]
-    prefix = [i for i, label in enumerate(labels) if label.lower().startswith(text.lower())]
-    if len(prefix) == 1:
-        return prefix[0]
-    raise TargetError(f"target '{text}' matches {'no' if not prefix else len(prefix)} labels"
-                      + (f" ({', '.join(labels[i] for i in prefix[:5])})" if prefix else ""))
+    match = resolve_name(text, labels)
+    if match.note:
+        warnings.warn(match.note, OnnxcamWarning, stacklevel=2)
+    return match.index
 
 
 def resolve_targets(texts: Optional[list[str]], labels: Optional[list[str]]) -> Optional[int | list[list[int]]]:
     """``-t`` values (repeated or comma-separated) -> one class, or several for every image."""
     if not texts:
         return None
-    parts = [p.strip() for text in texts for p in (text.split(",") if not _is_label(text, labels) else [text])]
-    classes = [resolve_target(p, labels) for p in parts if p]
+    classes = [resolve_target(p, labels) for p in split_names(texts, labels)]
     return classes[0] if len(classes) == 1 else [classes]
-
-
-def _is_label(text: str, labels: Optional[list[str]]) -> bool:
-    """ImageNet labels contain commas ("Samoyed, Samoyede"): a whole label is never split."""
-    return bool(labels) and any(text.lower() == label.lower() for label in labels)
 
 
 def _seed_vectors(path: Path, classes: Optional[int]) -> np.ndarray:
@@ -128,26 +162,26 @@ def explain(
     method: Annotated[str, typer.Option("-m", "--method", help=f"one of: {', '.join(METHODS)}")] = "gradcam",
     layer: Annotated[Optional[list[str]], typer.Option("-l", "--layer", help="tensor to explain (repeat for several)")] = None,
     target: Annotated[Optional[list[str]], typer.Option("-t", "--target", help="class index or label; repeat (or 3,7,9) for several")] = None,
-    topk: Annotated[Optional[int], typer.Option("--topk", help="explain each image's K best classes")] = None,
+    topk: Annotated[Optional[int], typer.Option("--topk", min=1, help="explain each image's K best classes")] = None,
     seed_vector: Annotated[Optional[Path], typer.Option("--seed-vector", help=".npy of shape (C,) or (T,C): explain s . logits")] = None,
     outdir: Annotated[Path, typer.Option("-o", "--outdir", help="output folder")] = Path("onnxcam-out"),
-    labels_file: Annotated[Optional[Path], typer.Option("--labels", help="labels file, one per line")] = None,
+    labels_file: Annotated[Optional[Path], typer.Option("--labels", help="labels file: one per line, a JSON list or {index: name}")] = None,
     npy: Annotated[bool, typer.Option("--npy", help="also save the heatmap as float32 .npy")] = False,
-    channels: Annotated[Optional[int], typer.Option("--channels", help="also the K most and K least important channels")] = None,
+    channels: Annotated[Optional[int], typer.Option("--channels", min=1, help="also the K most and K least important channels")] = None,
     eigen_smooth: Annotated[bool, typer.Option("--eigen-smooth", help="first principal component of the weighted activations")] = False,
     aug_smooth: Annotated[bool, typer.Option("--aug-smooth", help="average over flips and brightness changes")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="inputs per onnxruntime run")] = 16,
-    max_channels: Annotated[Optional[int], typer.Option("--max-channels", help="Score-CAM: keep the N highest-variance channels")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="SmoothGrad: noisy copies")] = 25,
-    noise: Annotated[float, typer.Option("--noise", help="SmoothGrad: sigma as a fraction of the input range")] = 0.15,
-    steps: Annotated[int, typer.Option("--steps", help="Integrated Gradients: path steps")] = 50,
-    baseline: Annotated[float, typer.Option("--baseline", help="Integrated Gradients: baseline value (model input space)")] = 0.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="inputs per onnxruntime run")] = 16,
+    max_channels: Annotated[Optional[int], typer.Option("--max-channels", min=1, help="Score-CAM: keep the N highest-variance channels")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="SmoothGrad: noisy copies")] = 25,
+    noise: Annotated[float, typer.Option("--noise", min=0.0, callback=_finite, help="SmoothGrad: sigma as a fraction of the input range")] = 0.15,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Integrated Gradients: path steps")] = 50,
+    baseline: Annotated[float, typer.Option("--baseline", callback=_finite, help="Integrated Gradients: baseline value (model input space)")] = 0.0,
     provider: Annotated[str, typer.Option("--provider", help="auto, cpu or cuda")] = "auto",
     preset: Annotated[Optional[str], typer.Option("--preset", help="imagenet, inception, caffe or raw")] = None,
-    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
+    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", min=1, help="input H W for dynamic-size models")] = None,
     mean: Annotated[Optional[str], typer.Option("--mean", help="per-channel mean, e.g. 0.485,0.456,0.406")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="per-channel std")] = None,
-    scale: Annotated[Optional[float], typer.Option("--scale", help="divide pixels by this first (default 255)")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", callback=_finite, help="divide pixels by this first (default 255)")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="rewrite the model without the rewrite cache")] = False,
     threads: Annotated[int, typer.Option("--threads", min=0, help="onnxruntime intra-op threads (0: one per core)")] = 0,
@@ -162,7 +196,8 @@ def explain(
             raise OnnxcamError("give only one of --target, --topk and --seed-vector")
         explainer = Explainer(model, layer=layer, provider=provider, output=output,
                               batch_size=batch_size, input_size=size, cache=not no_cache, threads=threads)
-        labels = load_labels(labels_file) if labels_file else explainer.labels()
+        labels = (check_labels(load_labels(labels_file), explainer.num_classes, str(labels_file), explicit=True)
+                  if labels_file else explainer.labels())
         targets = (_seed_vectors(seed_vector, explainer.num_classes) if seed_vector
                    else resolve_targets(target, labels))
         options = dict(topk=topk, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
@@ -188,10 +223,10 @@ def explain(
                 record = _explained_image(result, offset, picture, stem, method, labels, npy, files,
                                           explainer.dense)
                 record.update(file=str(images[start + offset]), seconds=round(seconds, 4))
-                if importance is not None:
+                if importance is not None and "error" not in record:
                     record["channels"] = _channel_record(importance, offset, picture, stem, files)
                 records.append(record)
-        files["results.json"] = json.dumps(records, indent=1).encode()
+        files["results.json"] = json_bytes(records)
     except OnnxcamError as exc:
         fail(str(exc))
         return
@@ -220,6 +255,8 @@ def _dense_targets(explainer: Explainer, targets, region: Optional[str], anchor:
 
 
 def _describe_target(target: dict) -> str:
+    if target.get("error"):
+        return f"class {target['target']}: no map ({target['error']})"
     if target["target"] < 0:
         return "seed vector"
     label = f" ({target['label']})" if target["label"] else ""
@@ -235,43 +272,52 @@ def _explained_image(result, index: int, picture: np.ndarray, stem: str, method:
     """Overlays (and .npy maps) of one image, one per target, and its results.json record."""
     targets = []
     classes = result.targets[index].reshape(-1)
+    error = None if result.finite[index] else "the model's outputs are NaN or Inf for this image"
     for slot, cls in enumerate(classes):
         cls = int(cls)
         name = f"{stem}.{method}" if len(classes) == 1 else f"{stem}.{method}.{cls if cls >= 0 else f'seed{slot}'}"
-        heatmap = resize_map(result.per_target[index, slot], picture.shape[:2])
-        files[f"{name}.png"] = encode_png(overlay(picture, heatmap))
-        if npy:
-            files[f"{name}.npy"] = _npy_bytes(heatmap)
+        if error is None:  # a map from non-finite numbers would be garbage: none is written
+            heatmap = resize_map(result.per_target[index, slot], picture.shape[:2])
+            files[f"{name}.png"] = encode_png(overlay(picture, heatmap))
+            if npy:
+                files[f"{name}.npy"] = _npy_bytes(heatmap)
         targets.append({
             "target": cls, "label": labels[cls] if labels and 0 <= cls < len(labels) else None,
             "probability": float(result.probabilities[index, cls]) if cls >= 0 and dense_output is None else None,
-            "overlay": f"{name}.png",
+            "overlay": f"{name}.png" if error is None else None,
+            **({"error": error} if error else {}),
         })
         if dense_output is not None:
             targets[-1].update(dense.describe(dense_output, result.logits[index], result.seeds[index, slot]))
     record = {"target": targets[0]["target"], "label": targets[0]["label"],
               "probability": targets[0]["probability"], "targets": targets,
               "layer": result.layer, "method": method, "provider": result.provider}
+    if error:
+        record["error"] = error
     return record
 
 
-def _channel_record(importance, index: int, picture: np.ndarray, stem: str, files: dict[str, bytes]) -> dict:
-    """The K most and least important channels of one image (first target): a grid image
-    (top row: most important, bottom row: least) and their indices and weights."""
-    pick = (lambda a: a[index] if a.ndim in (2, 4) else a[index, 0])
-    rows = []
-    for maps in (importance.most_maps, importance.least_maps):
-        chosen = maps[index] if maps.ndim == 4 else maps[index, 0]
-        tiles = [overlay(picture, m) for m in chosen]
-        tiles = [cv2_resize(t, (128, 128)) for t in tiles]
-        rows.append(np.concatenate(tiles, axis=1))
-    name = f"{stem}.{importance.method}.channels.png"
-    files[name] = encode_png(np.concatenate(rows, axis=0))
-    return {"layer": importance.layer, "grid": name,
-            "most": [int(c) for c in pick(importance.most)],
-            "most_weights": [float(w) for w in pick(importance.most_weights)],
-            "least": [int(c) for c in pick(importance.least)],
-            "least_weights": [float(w) for w in pick(importance.least_weights)]}
+def _channel_record(importance, index: int, picture: np.ndarray, stem: str,
+                    files: dict[str, bytes]) -> dict | list[dict]:
+    """The K most and least important channels of one image for each explained target: a grid
+    image per target (top row: most important, bottom row: least) and the channels' indices and
+    weights, each record naming its target; a list of them when the image has several targets."""
+    multi = importance.targets.ndim == 2
+    classes = importance.targets[index].reshape(-1)
+    records = []
+    for slot, cls in enumerate(int(c) for c in classes):
+        pick = (lambda a: a[index, slot]) if multi else (lambda a: a[index])
+        rows = [np.concatenate([cv2_resize(overlay(picture, m), (128, 128)) for m in pick(maps)], axis=1)
+                for maps in (importance.most_maps, importance.least_maps)]
+        which = f".{cls if cls >= 0 else f'seed{slot}'}" if multi else ""
+        name = f"{stem}.{importance.method}{which}.channels.png"
+        files[name] = encode_png(np.concatenate(rows, axis=0))
+        records.append({"target": cls, "layer": importance.layer, "grid": name,
+                        "most": [int(c) for c in pick(importance.most)],
+                        "most_weights": [float(w) for w in pick(importance.most_weights)],
+                        "least": [int(c) for c in pick(importance.least)],
+                        "least_weights": [float(w) for w in pick(importance.least_weights)]})
+    return records if multi else records[0]
 
 
 def cv2_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -304,7 +350,7 @@ def export_command(
     method: Annotated[str, typer.Option("-m", "--method", help=f"one of: {', '.join(exportable_methods())}")] = "gradcam",
     layer: Annotated[Optional[str], typer.Option("-l", "--layer", help="tensor to explain (default: the last spatial one)")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
-    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
+    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", min=1, help="input H W for dynamic-size models")] = None,
     topk: Annotated[Optional[int], typer.Option("--topk", min=1, help="heatmaps of each image's K best classes in one run (no target input)")] = None,
     labels_file: Annotated[Optional[Path], typer.Option("--labels", help="labels file to store in the metadata")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="preprocessing to store in the metadata: imagenet, inception, caffe or raw")] = None,
@@ -329,6 +375,7 @@ def export_command(
         if len(paths) != 1 or out is None:
             raise OnnxcamError("give one MODEL and -o OUT.onnx (or --check EXPORTED.onnx IMAGES...)")
         model = paths[0]
+        check_export_destination(model, out)
         labels = load_labels(labels_file) if labels_file else None
         # layout and size are the model's: export_explained fills them in
         declared = any(v is not None for v in normalization.values())
@@ -339,6 +386,7 @@ def export_command(
         fail(str(exc))
         return
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_explained(exported, out)  # atomic: a failed write leaves no file
     except OSError as exc:
         fail(f"cannot write {out}: {exc.strerror or exc}")
@@ -369,6 +417,15 @@ def _check_export(exported: Path, images: list[Path], outdir: Optional[Path], no
                f"{report.layer}, tolerance {CHECK_TOLERANCE:g}; overlays and check.json in {outdir}")
     if not report.passed:
         raise typer.Exit(1)
+
+
+def check_export_destination(model: Path, out: Path) -> None:
+    """Before any work: ``out`` must not be the source model (also through a link or another
+    spelling of the path) nor a folder."""
+    if same_file(out, model):
+        fail(f"{out}: is the source model itself; write the export to another file")
+    if out.is_dir():
+        fail(f"{out}: is a folder; give the file to write, e.g. {out / (model.stem + '.explained.onnx')}")
 
 
 @app.command()

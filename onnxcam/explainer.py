@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -29,7 +30,7 @@ import numpy as np
 import onnx
 
 from . import dense as dense_outputs, perturbation, pixel
-from .errors import LayerError, OnnxcamError, TargetError, UnsupportedOpError
+from .errors import LayerError, OnnxcamError, OnnxcamWarning, TargetError, UnsupportedOpError
 from .head import linear_head
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
 from .methods import METHODS, Method, combine_layers, scale_maps
@@ -38,6 +39,7 @@ from .cache import cached_rewrite
 from .runtime import Session, resolve_provider
 from .surgery import SEED, RewriteRequest, Rewritten, head_frontier, rewrite
 from .targets import Targets, TargetSet, resolve_targets
+from .validate import check_class_scores, finite_rows, nonfinite_message
 
 #: pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x [0.9, 1, 1.1].
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple(
@@ -82,10 +84,17 @@ class Explanation:
         return self.heatmaps if self.multi_target else self.heatmaps[:, None]
 
     @property
+    def finite(self) -> np.ndarray:
+        """(N,) False for images whose logits hold NaN or Inf: their targets and maps mean
+        nothing (``explain`` warns about them)."""
+        return finite_rows(self.logits)
+
+    @property
     def probabilities(self) -> np.ndarray:
-        shifted = self.logits - self.logits.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        return exp / exp.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # non-finite logits give NaN (see ``finite``)
+            shifted = self.logits - self.logits.max(axis=1, keepdims=True)
+            exp = np.exp(shifted)
+            return exp / exp.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -155,6 +164,8 @@ class Explainer:
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | Sequence[str] | None = None,
                  provider: str = "auto", output: str | None = None, cache: bool = True,
                  batch_size: int = 16, input_size: tuple[int, int] | None = None, threads: int = 0):
+        resolve_provider(provider)  # an unknown or unusable provider fails now, before any work
+        provider = str(provider).lower()
         if isinstance(model, onnx.ModelProto):
             self.source, proto = "<model>", model
         else:
@@ -166,6 +177,8 @@ class Explainer:
         self.logits_name = self.graph.logits(output)
         #: a segmentation or detection output (onnxcam.dense), None for class scores [N, C]
         self.dense = dense_outputs.output_of(self.graph, self.logits_name)
+        if self.dense is None:
+            check_class_scores(self.graph, self.logits_name)
         self.input_layout = self.graph.input_layout()
         if layer is None:
             chosen = [next(l for l in self.layers() if l.default)]
@@ -174,7 +187,6 @@ class Explainer:
             chosen = [self.graph.find_layer(name, output) for name in names]
         self.targets_layers: list[Layer] = chosen
         self.provider_requested = provider
-        resolve_provider(provider)  # an unusable provider fails now, not after the work
         self.cache = cache
         self.batch_size = max(1, int(batch_size))
         self.threads = max(0, int(threads))
@@ -210,13 +222,25 @@ class Explainer:
                    **overrides) -> Preprocess:
         """The input normalization: a preset, else what the model declares, else ImageNet's."""
         return make_preprocess(preset, self.input_layout, size or self.input_size,
-                               declared=preprocess_from_metadata(self.metadata), **overrides)
+                               declared=preprocess_from_metadata(self.metadata),
+                               channels=self.input_channels, **overrides)
+
+    @property
+    def input_channels(self) -> int:
+        """The image input's channel count (3 when the model leaves it dynamic)."""
+        dims = self.graph.dims(self.graph.input.name) or ()
+        channels = dims[1 if self.input_layout == "NCHW" else 3] if len(dims) == 4 else None
+        return channels if isinstance(channels, int) else 3
 
     def labels(self) -> list[str] | None:
-        """Class names the model carries in its ``onnxcam.labels`` metadata, if any."""
+        """Class names the model carries in its ``onnxcam.labels`` metadata, if any (None, with
+        a warning, when their count differs from the model's classes)."""
         import json
+        from .labels import check_labels
         raw = self.metadata.get("onnxcam.labels")
-        return list(json.loads(raw)) if raw else None
+        labels = [str(label) for label in json.loads(raw)] if raw else None
+        return check_labels(labels, self.num_classes, f"{self.source} (metadata onnxcam.labels)",
+                            explicit=False)
 
     # -- models and sessions ------------------------------------------------------------------
     def session(self, request: RewriteRequest) -> tuple[Rewritten, Session]:
@@ -286,8 +310,13 @@ class Explainer:
         step = (batch_size or self.batch_size) if rewritten.batch_dynamic else static
         total = len(next(iter(feeds.values())))
         wanted = [n for n in dict.fromkeys(wanted) if n in session.output_names]
-        chunks = [session.run({k: v[start:start + step] for k, v in feeds.items()}, wanted)
-                  for start in range(0, total, step)]
+        chunks = []
+        for start in range(0, total, step):
+            chunk = {k: v[start:start + step] for k, v in feeds.items()}
+            real = min(step, total - start)
+            if not rewritten.batch_dynamic and real < step:  # a fixed batch: pad, then drop the padding
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in chunk.items()}
+            chunks.append({n: o[:real] for n, o in session.run(chunk, wanted).items()})
         return {name: np.concatenate([c[name] for c in chunks]) for name in wanted}
 
     def run(self, x: np.ndarray, seeds: np.ndarray, input_gradient: bool = False,
@@ -333,6 +362,14 @@ class Explainer:
             x = x[None]
         if x.ndim != 4:
             raise OnnxcamError(f"expected a batch (N, ...) of 4 dims in the model's layout, got shape {list(x.shape)}")
+        if len(x) == 0:
+            raise OnnxcamError("an empty batch: give at least one image")
+        if x.dtype.kind not in "fiu":
+            raise OnnxcamError(f"the input must be numbers (float32), got {x.dtype}")
+        bad = np.flatnonzero(~finite_rows(x))
+        if len(bad):
+            raise OnnxcamError(f"the input holds NaN or Inf (image {int(bad[0])}): check the preprocessing "
+                               "(a zero std or scale?)")
         dims = self.graph.dims(self.graph.input.name) or ()
         for axis, (want, got) in enumerate(zip(dims[1:], x.shape[1:]), start=1):
             if isinstance(want, int) and want != got:
@@ -385,9 +422,11 @@ class Explainer:
         wanted = self.resolve_targets(targets, len(x), topk)
         if aug_smooth and self.dense is not None:
             raise OnnxcamError(f"aug_smooth flips the image but not a {self.dense.kind} target: not for dense outputs")
-        if aug_smooth:
-            return self._augmented(x, spec, wanted, options)
-        return self._explain(x, spec, wanted, options)
+        result = self._augmented(x, spec, wanted, options) if aug_smooth else self._explain(x, spec, wanted, options)
+        bad = np.flatnonzero(~result.finite)
+        if len(bad):
+            warnings.warn(nonfinite_message(bad, len(x)), OnnxcamWarning, stacklevel=2)
+        return result
 
     @staticmethod
     def method(name: str) -> Method:
@@ -664,5 +703,7 @@ def _check_options(spec: Method, options: Options) -> None:
             raise OnnxcamError(f"{name} must be at least 1, got {value}")
     if options.samples < 1 or options.steps < 1:
         raise OnnxcamError("samples and steps must be at least 1")
-    if not options.noise >= 0:
-        raise OnnxcamError(f"noise must be >= 0, got {options.noise}")
+    if not options.noise >= 0 or not np.isfinite(options.noise):
+        raise OnnxcamError(f"noise must be >= 0 and finite, got {options.noise}")
+    if not np.all(np.isfinite(options.baseline)):
+        raise OnnxcamError("the integrated-gradients baseline must be finite")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -43,7 +44,7 @@ import onnx_graphsurgeon as gs
 from . import large_models
 from .autodiff import Emitter
 from .autodiff.opset import IR_FOR_OPSET
-from .errors import LayerError, OnnxcamError
+from .errors import LayerError, OnnxcamError, OnnxcamWarning
 from .explainer import Explainer
 from .head import linear_head
 from .images import METADATA_LABELS, METADATA_PREPROCESS, Preprocess, preprocess_to_metadata
@@ -136,6 +137,11 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
     exported = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
     exported.ir_version = IR_FOR_OPSET.get(max(opset_of(exported), 13), 10)
     _set_metadata(exported, explainer, spec, chosen, topk=topk, labels=labels, preprocess=preprocess)
+    batch = fixed_batch(exported)
+    if batch is not None:
+        warnings.warn(f"{explainer.source}: the exported model takes batches of exactly {batch} image(s): the "
+                      "source model's batch is fixed and could not be proven safe to make dynamic "
+                      "(re-export it with a dynamic batch axis for other sizes)", OnnxcamWarning, stacklevel=2)
     return exported
 
 
@@ -153,6 +159,12 @@ def _frontier(explainer: Explainer, layer: Layer) -> tuple[str, ...]:
     except LayerError as exc:
         raise OnnxcamError(f"{exc}; --topk exports need a head that can be cut at the explained layer: "
                            f"choose another layer (onnxcam layers) or export one class per run") from None
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size a model's first input is fixed at, None when it is dynamic."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
 
 
 def save_explained(model: onnx.ModelProto, path: str | os.PathLike) -> None:

@@ -379,7 +379,7 @@ class ModelGraph:
                     continue
                 candidates.append(Layer(name, node.op_type, node.name, chw, layout))
         if not candidates:
-            hint = (" (the input size is dynamic: give --size H W)" if self.static_input_hw() is None
+            hint = (" (the input size is dynamic: give input_size=(H, W) (CLI: --size H W))" if self.static_input_hw() is None
                     else "; onnxcam explains convolutional classifiers")
             raise LayerError(
                 f"{self.source}: no spatial activation (a 4-D tensor with H*W > 1 and a known "
@@ -433,12 +433,12 @@ def pin_input_size(model: onnx.ModelProto, size: tuple[int, int] | None,
     if fixed is not None:
         if size is not None and tuple(size) != fixed:
             raise ModelError(f"{source}: the model's input size is fixed at {fixed[0]}x{fixed[1]}; "
-                             f"--size {size[0]} {size[1]} does not apply")
+                             f"input_size {size[0]}x{size[1]} (CLI: --size) does not apply")
         return model
     if size is None:
         return model
     if any(int(v) < 1 for v in size):
-        raise ModelError(f"--size must be positive, got {list(size)}")
+        raise ModelError(f"input_size (CLI: --size) must be positive, got {list(size)}")
     pinned = onnx.ModelProto()
     pinned.CopyFrom(model)
     target = next(i for i in pinned.graph.input if i.name == graph.input.name)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 
 import onnx_graphsurgeon as gs
 
-from onnxcam import Explainer, OnnxcamError, large_models
+from onnxcam import Explainer, OnnxcamError, OnnxcamWarning, large_models
 from onnxcam.autodiff import Emitter
 from onnxcam.cli import app
 from onnxcam.export import (HEATMAP, TARGET, TARGET_CLASS, _post_process, export_explained,
@@ -286,8 +287,49 @@ def test_cli_refuses_with_one_error_line_exit_2_and_no_file(tmp_path, args, mess
 def test_cli_reports_an_unwritable_output_without_a_traceback(tmp_path):
     source = tmp_path / "tiny.onnx"
     onnx.save(conv_classifier(), source)
-    code, text = cli("export", source, "-o", tmp_path / "missing" / "out.onnx")
+    (tmp_path / "a_file").write_text("not a folder")
+    code, text = cli("export", source, "-o", tmp_path / "a_file" / "out.onnx")
     assert code == 2 and text.startswith("error:") and "Traceback" not in text
+
+
+def test_cli_export_creates_the_output_folder(tmp_path):
+    source = tmp_path / "tiny.onnx"
+    onnx.save(conv_classifier(), source)
+    code, text = cli("export", source, "-o", tmp_path / "new" / "deeper" / "out.onnx")
+    assert code == 0, text
+    assert "heatmap" in [o.name for o in onnx.load(str(tmp_path / "new" / "deeper" / "out.onnx")).graph.output]
+
+
+def test_cli_export_never_overwrites_its_source(tmp_path, monkeypatch):
+    source = tmp_path / "m.onnx"
+    onnx.save(conv_classifier(), source)
+    before = source.read_bytes()
+    (tmp_path / "link.onnx").symlink_to(source)
+    monkeypatch.chdir(tmp_path)
+    for out in (source, "m.onnx", "./sub/../m.onnx", tmp_path / "link.onnx"):
+        code, text = cli("export", source, "-o", out)
+        assert code == 2 and "is the source model itself" in text, (out, text)
+    code, text = cli("export", "m.onnx", "-o", tmp_path)  # a folder
+    assert code == 2 and "is a folder" in text
+    assert source.read_bytes() == before
+
+
+def test_export_says_when_the_batch_stays_fixed(tmp_path):
+    """A fixed batch of 2 cannot be made dynamic (only literal 1s are rewritten): the export
+    keeps it and says so; the exported model runs at that batch."""
+    source = tmp_path / "b2.onnx"
+    onnx.save(conv_classifier(batch=2), source)
+    with pytest.warns(OnnxcamWarning, match="batches of exactly 2"):
+        exported = export_explained(str(source))
+    session = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    heatmap = session.run(["heatmap"], {"input": x, "target": np.array([-1, 1])})[0]
+    assert heatmap.shape == (2, 16, 16)
+    code, text = cli("export", source, "-o", tmp_path / "out.onnx")
+    assert code == 0 and "warning: " in text and "batches of exactly 2" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_explained(conv_classifier())  # a dynamic batch: no warning
 
 
 # -- another language: onnxruntime-node ----------------------------------------------------------

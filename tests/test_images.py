@@ -73,7 +73,7 @@ def test_explicit_mean_std_scale_override_the_preset():
     image = np.full((2, 2, 3), 100, np.float32)
     custom = make_preprocess("imagenet", "NCHW", (2, 2), mean=[0.5], std=[2, 2, 2], scale=100.0)([image])
     np.testing.assert_allclose(custom, (1.0 - 0.5) / 2)
-    with pytest.raises(OnnxcamError, match="--mean takes 1 or 3 values"):
+    with pytest.raises(OnnxcamError, match=r"mean \(CLI: --mean\) takes 1 or 3 values"):
         make_preprocess(None, "NCHW", (2, 2), mean=[1, 2])
     with pytest.raises(OnnxcamError, match="unknown preprocessing preset"):
         make_preprocess("vgg", "NCHW", (2, 2))

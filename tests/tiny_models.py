@@ -19,12 +19,12 @@ def build_model(nodes, inputs, outputs, initializers, opset: int = 13, name: str
 
 
 def conv_classifier(classes: int = 5, size: int = 16, seed: int = 0, tail_op: str | None = None,
-                    batch: int | str = "N") -> onnx.ModelProto:
-    """input [N,3,S,S] -> Conv3x3 -> Relu -> Conv3x3 s2 -> Clip(0,6) ['features'] ->
+                    batch: int | str = "N", channels: int = 3) -> onnx.ModelProto:
+    """input [N,channels,S,S] -> Conv3x3 -> Relu -> Conv3x3 s2 -> Clip(0,6) ['features'] ->
     [tail_op] -> GlobalAveragePool -> Flatten -> Gemm -> logits -> Softmax -> probs."""
     rng = np.random.default_rng(seed)
     init = {
-        "w1": rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32),
+        "w1": rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)[:, :channels],
         "b1": rng.normal(0, 0.1, 8).astype(np.float32),
         "w2": rng.normal(0, 0.3, (12, 8, 3, 3)).astype(np.float32),
         "b2": rng.normal(0, 0.1, 12).astype(np.float32),
@@ -50,7 +50,7 @@ def conv_classifier(classes: int = 5, size: int = 16, seed: int = 0, tail_op: st
     ]
     return build_model(
         nodes,
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, channels, size, size])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [batch, classes])],
         init,
     )
