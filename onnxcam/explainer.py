@@ -37,6 +37,7 @@ from .model import Layer, ModelGraph, load_model, pin_input_size
 from .runtime import Session
 from .surgery import SEED, RewriteRequest, Rewritten, cached_rewrite, head_frontier, rewrite
 from .targets import Targets, TargetSet, resolve_targets
+from .validate_model import checked_model
 
 #: pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x [0.9, 1, 1.1].
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple(
@@ -154,7 +155,7 @@ class Explainer:
                  provider: str = "auto", output: str | None = None, cache: bool = True,
                  batch_size: int = 16, input_size: tuple[int, int] | None = None, threads: int = 0):
         if isinstance(model, onnx.ModelProto):
-            self.source, proto = "<model>", model
+            self.source, proto = "<model>", checked_model(model, "<model>")
         else:
             self.source, proto = str(model), load_model(model)
         proto = pin_input_size(proto, input_size, self.source)
