@@ -8,19 +8,32 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
 
-from .errors import OnnxcamError, TargetError
+from .errors import OnnxcamError, OnnxcamWarning, TargetError
 from .explainer import Explainer
 from .export import export_explained, exportable_methods, save_explained
 from .images import load_image, load_labels
 from .methods import METHODS
 from .files import atomic_write_bytes
 from .visualize import encode_png, overlay, resize_map
+
+_python_warning_format = warnings.formatwarning
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """onnxcam's own warnings as one ``warning:`` line; others keep Python's format."""
+    if issubclass(category, OnnxcamWarning):
+        return f"warning: {message}\n"
+    return _python_warning_format(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _warning_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Explain ONNX image classifiers: Grad-CAM and relatives, on onnxruntime.")

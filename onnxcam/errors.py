@@ -38,3 +38,8 @@ class ImageError(OnnxcamError):
 
 class TargetError(OnnxcamError):
     """A target class is out of range or not found in the labels."""
+
+
+class OnnxcamWarning(UserWarning):
+    """Something the user should know that does not stop the run (an image decoded reduced,
+    an all-zero map). The CLI prints each as one ``warning:`` line."""

@@ -32,7 +32,7 @@ from . import perturbation, pixel
 from .errors import LayerError, OnnxcamError, TargetError, UnsupportedOpError
 from .head import linear_head
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
-from .methods import METHODS, Method, combine_layers, scale_maps
+from .methods import METHODS, Method, combine_layers, scale_maps, warn_empty_maps
 from .model import Layer, ModelGraph, load_model, pin_input_size
 from .runtime import Session
 from .surgery import SEED, RewriteRequest, Rewritten, cached_rewrite, head_frontier, rewrite
@@ -391,6 +391,7 @@ class Explainer:
         wanted = parts.targets
         count = wanted.seeds.shape[1]
         heatmaps = parts.maps.reshape((len(x), count) + parts.maps.shape[1:])
+        warn_empty_maps(heatmaps, spec.name, ("the input",) if spec.kind == "pixel" else self._layer_names)
         squeeze = (lambda a: a) if wanted.multi else (lambda a: a[:, 0])
         return Explanation(
             squeeze(heatmaps), parts.logits, squeeze(wanted.classes), self._layer_names, spec.name,

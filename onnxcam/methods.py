@@ -292,3 +292,21 @@ def combine_layers(per_layer: Sequence[np.ndarray], size: tuple[int, int]) -> np
     scaled = [scale_maps(maps, size) for maps in per_layer]
     mean = scaled[0] if len(scaled) == 1 else np.mean(np.stack(scaled), axis=0)
     return scale_maps(mean)
+
+
+def warn_empty_maps(maps: np.ndarray, method: str, layers: Sequence[str]) -> None:
+    """An :class:`~onnxcam.errors.OnnxcamWarning` per all-zero map of a batch (N, T, H, W).
+
+    A zero map is the right answer when the activation, or the gradient of the target score at
+    the layer, is zero everywhere (dead units, a class the head ignores), and the scaling keeps
+    it zero (:func:`scale_maps`); the warning says why the overlay shows nothing."""
+    import warnings
+
+    from .errors import OnnxcamWarning
+
+    empty = ~(maps.reshape(maps.shape[0], maps.shape[1], -1) > 0).any(axis=-1)
+    for image, target in zip(*np.nonzero(empty)):
+        which = f"image {image}" + (f", target {target}" if maps.shape[1] > 1 else "")
+        warnings.warn(f"the {method} map of {which} is all zero: the activation or the gradient at "
+                      f"{', '.join(layers)} is zero there; try another layer, target or method",
+                      OnnxcamWarning, stacklevel=3)
