@@ -56,10 +56,12 @@ def checked_model(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     graph = model.graph
     if not graph.node:
         raise ModelError(f"{source}: not an ONNX model or an empty graph (no nodes)")
+    _check_text(model, source)
     _check_opsets(model, source)
     _check_ops(model, source)
+    _check_tensors(model, source)
     order = _topological_order(graph, source)
-    check_sizes(model, source)
+    check_declared(model, source)
     needs_float32 = _has_non_float32(model)
     if order is None and not needs_float32:
         return model
@@ -75,6 +77,20 @@ def checked_model(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     if needs_float32:
         as_float32(fixed)
     return fixed
+
+
+def _check_text(model: onnx.ModelProto, source: str) -> None:
+    """Names, op types and domains are valid UTF-8 (protobuf hands out bytes where they are not)."""
+    graph = model.graph
+    texts = [e.domain for e in model.opset_import]
+    texts += [v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)]
+    texts += [t.name for t in _all_tensors(graph)]
+    for node in _all_nodes(graph):
+        texts += [node.op_type, node.domain, node.name, *node.input, *node.output, *(a.name for a in node.attribute)]
+    bad = next((text for text in texts if not isinstance(text, str)), None)
+    if bad is not None:
+        raise ModelError(f"{source}: a name or op type is not valid text ({bytes(bad)[:40]!r}): the file is "
+                         "corrupt; re-export it")
 
 
 # -- versions, ops, domains -------------------------------------------------------------------
@@ -143,6 +159,11 @@ def _check_ops(model: onnx.ModelProto, source: str) -> None:
             since = onnx.defs.get_schema(node.op_type, onnx.defs.onnx_opset_version(), domain).since_version
             raise ModelError(f"{source}: {where}: {node.op_type} exists from opset {since} on, but the "
                              f"model declares opset {version}: re-export with opset {since} or later")
+        if node.op_type == "Transpose" and domain == "":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if perm is not None and sorted(perm) != list(range(len(perm))):
+                raise ModelError(f"{source}: {where} has perm {perm}, not a permutation of the axes: "
+                                 "the file is corrupt; re-export it")
         if not any(True for _ in _subgraphs(node)):  # a subgraph's checks need its outer scope
             try:
                 onnx.checker.check_node(node, context)
@@ -165,6 +186,36 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield attribute.g
         elif attribute.type == onnx.AttributeProto.GRAPHS:
             yield from attribute.graphs
+
+
+def _check_tensors(model: onnx.ModelProto, source: str) -> None:
+    """Every stored tensor (initializers, Constant values) has a known element type and holds
+    as many values as its dims say (external data is checked against its file at load)."""
+    for tensor in _all_tensors(model.graph):
+        name = f"tensor '{tensor.name}'" if tensor.name else "a constant tensor"
+        if tensor.data_type not in TensorProto.DataType.values() or tensor.data_type == TensorProto.UNDEFINED:
+            raise ModelError(f"{source}: {name} has element type {tensor.data_type}, which ONNX does not define: "
+                             "the file is corrupt; re-export the model")
+        if any(d < 0 for d in tensor.dims):
+            raise ModelError(f"{source}: {name} has negative dims {list(tensor.dims)}: the file is corrupt")
+        if (tensor.data_location == TensorProto.EXTERNAL or tensor.data_type in _UNCOUNTED
+                or tensor.HasField("segment")):
+            continue
+        expected = int(np.prod(tensor.dims, dtype=object)) if tensor.dims else 1
+        if tensor.HasField("raw_data"):
+            held = len(tensor.raw_data) / onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        else:
+            held = len(getattr(tensor, onnx.helper.tensor_dtype_to_field(tensor.data_type)))
+            held /= 2 if tensor.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) else 1
+        if held != expected:
+            raise ModelError(f"{source}: {name} has dims {list(tensor.dims)} ({expected:,} values) but holds "
+                             f"{held:,g}: the file is corrupt or truncated; re-export it")
+
+
+#: Element types whose values are not counted here: strings, and the sub-byte types packed
+#: two or four to a byte.
+_UNCOUNTED = frozenset({TensorProto.STRING, TensorProto.UINT4, TensorProto.INT4, TensorProto.FLOAT4E2M1,
+                        getattr(TensorProto, "UINT2", -1), getattr(TensorProto, "INT2", -1)})
 
 
 # -- structure --------------------------------------------------------------------------------
@@ -199,6 +250,7 @@ def _topological_order(graph: onnx.GraphProto, source: str) -> list[int] | None:
         if output.name not in producer and output.name not in known:
             raise ModelError(f"{source}: graph output '{output.name}' is produced by no node: the file is "
                              "truncated or was edited; re-export it")
+    _check_input_reaches_an_output(graph, source)
     if all(dep < index for index, deps in enumerate(needs) for dep in deps):
         return None
     order = _kahn(needs)
@@ -208,6 +260,27 @@ def _topological_order(graph: onnx.GraphProto, source: str) -> list[int] | None:
         raise ModelError(f"{source}: the graph has a cycle ({names}); ONNX graphs must be acyclic: "
                          "the file is corrupt or was edited; re-export it")
     return order
+
+
+def _check_input_reaches_an_output(graph: onnx.GraphProto, source: str) -> None:
+    """Some graph output is computed from the image input (a model whose outputs ignore it,
+    e.g. a node rewired to read a weight instead, explains nothing)."""
+    constants = {t.name for t in graph.initializer}
+    reached = {i.name for i in graph.input if i.name not in constants}
+    if not reached:
+        return  # "no data input" is reported with the model's other inputs
+    changed = True
+    while changed:  # the nodes may be out of order or cyclic here: iterate to a fixed point
+        changed = False
+        for node in graph.node:
+            reads = set(node.input) | {n for sub in _subgraphs(node) for n in _free_names(sub)}
+            if reads & reached and not set(node.output) <= reached:
+                reached |= set(node.output)
+                changed = True
+    if not any(o.name in reached for o in graph.output):
+        names = ", ".join(f"'{i.name}'" for i in graph.input if i.name not in constants)
+        raise ModelError(f"{source}: no output of the model depends on its input {names}: a node was rewired "
+                         "or the file is corrupt; re-export it")
 
 
 def _free_names(graph: onnx.GraphProto) -> set[str]:
@@ -259,12 +332,15 @@ def _a_cycle(needs: list[set[int]], stuck: set[int]) -> list[int]:
 
 # -- sizes ------------------------------------------------------------------------------------
 
-def check_sizes(model: onnx.ModelProto, source: str) -> None:
-    """No declared tensor (input, output, value_info) has negative dims or more than
-    :data:`MAX_ELEMENTS` values."""
+def check_declared(model: onnx.ModelProto, source: str) -> None:
+    """No declared tensor (input, output, value_info) has an undefined element type, negative
+    dims or more than :data:`MAX_ELEMENTS` values."""
     graph = model.graph
     for value in list(graph.input) + list(graph.output) + list(graph.value_info):
         tensor_type = value.type.tensor_type
+        if tensor_type.elem_type not in TensorProto.DataType.values():
+            raise ModelError(f"{source}: tensor '{value.name}' declares element type {tensor_type.elem_type}, "
+                             "which ONNX does not define: the file is corrupt; re-export it")
         if not tensor_type.HasField("shape"):
             continue
         dims = [d.dim_value for d in tensor_type.shape.dim if d.HasField("dim_value")]
