@@ -250,15 +250,14 @@ def _topological_order(graph: onnx.GraphProto, source: str) -> list[int] | None:
         if output.name not in producer and output.name not in known:
             raise ModelError(f"{source}: graph output '{output.name}' is produced by no node: the file is "
                              "truncated or was edited; re-export it")
-    _check_input_reaches_an_output(graph, source)
-    if all(dep < index for index, deps in enumerate(needs) for dep in deps):
-        return None
-    order = _kahn(needs)
-    if len(order) < len(needs):
+    in_order = all(dep < index for index, deps in enumerate(needs) for dep in deps)
+    order = None if in_order else _kahn(needs)
+    if order is not None and len(order) < len(needs):
         cycle = _a_cycle(needs, set(range(len(needs))) - set(order))[::-1]  # in data-flow order
         names = " -> ".join(f"'{graph.node[i].name or graph.node[i].op_type}'" for i in cycle + cycle[:1])
         raise ModelError(f"{source}: the graph has a cycle ({names}); ONNX graphs must be acyclic: "
                          "the file is corrupt or was edited; re-export it")
+    _check_input_reaches_an_output(graph, source)
     return order
 
 

@@ -38,6 +38,12 @@ def _rename_op(model, index, op_type, domain=""):
     model.graph.node[index].domain = domain
 
 
+def _insert_before_pool(model, node):
+    """``node`` (reading 'features', writing 't') between the ReLU6 and the pooling."""
+    model.graph.node.insert(4, node)
+    model.graph.node[5].input[0] = "t"
+
+
 CASES = {
     "a cycle": (lambda m: m.graph.node[0].input.__setitem__(0, "features"),
                 r"cycle \('relu1' -> 'conv2' -> 'relu6' -> 'conv1' -> 'relu1'\)"),
@@ -66,6 +72,15 @@ CASES = {
                      r"onnxcam's limit of 268,435,456 per tensor: export the model for a smaller input size"),
     "a huge output": (lambda m: setattr(m.graph.output[0].type.tensor_type.shape.dim[1], "dim_value", 10 ** 12),
                       r"tensor 'probs' has shape \['N', 1000000000000\].*the file is corrupt"),
+    # found by the fuzz campaign (tools/fuzz_campaign.py), each failing deep inside onnx or numpy before:
+    "an undefined element type": (lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", 99),
+                                  r"tensor 'input' declares element type 99, which ONNX does not define"),
+    "an initializer short of values": (lambda m: setattr(m.graph.initializer[0], "raw_data",
+                                                         m.graph.initializer[0].raw_data[:-4]),
+                                       r"tensor 'w1' has dims \[8, 3, 3, 3\] \(216 values\) but holds 215"),
+    "a Transpose perm that is no permutation": (
+        lambda m: _insert_before_pool(m, helper.make_node("Transpose", ["features"], ["t"], name="odd", perm=[0, 3, 1, 1])),
+        r"node 'odd' \(Transpose\) has perm \[0, 3, 1, 1\], not a permutation"),
     "a negative dim": (lambda m: setattr(m.graph.input[0].type.tensor_type.shape.dim[1], "dim_value", -3),
                        r"tensor 'input' declares a negative dimension"),
 }
@@ -80,6 +95,14 @@ def test_broken_models_are_one_model_error(tmp_path, case):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ModelError, match=message):  # a ModelProto is checked alike
         Explainer(onnx.load(str(path)))
+
+
+def test_names_that_are_not_text_are_refused(tmp_path):
+    data = conv_classifier().SerializeToString()
+    assert data.count(b"Relu") == 1
+    path = _save(tmp_path, data.replace(b"Relu", b"R\xffl\xfe"))
+    with pytest.raises(ModelError, match=r"a name or op type is not valid text \(b'R\\xffl\\xfe'\)"):
+        Explainer(path)
 
 
 def test_an_opset_newer_than_onnxruntime_names_the_supported_one(tmp_path):
@@ -269,3 +292,11 @@ def test_a_qoperator_model_says_what_to_do(tmp_path):
     with pytest.raises(LayerError, match=r"QLinearConv '.*' computes on quantized integers.*QuantFormat.QDQ"):
         Explainer(path).layers()
 
+
+
+def test_a_model_whose_outputs_ignore_the_input_is_refused(tmp_path):
+    """Found by the fuzz campaign: relu1 rewired to read the weight w2 made the logits a
+    function of the weights only (batch 12 whatever the input's), failing deep in the maps."""
+    path = _save(tmp_path, _edited(lambda m: m.graph.node[1].input.__setitem__(0, "w2")))
+    with pytest.raises(ModelError, match=r"no output of the model depends on its input 'input'"):
+        Explainer(path)
