@@ -37,7 +37,7 @@ from .model import Layer, ModelGraph, load_model, pin_input_size
 from .runtime import Session
 from .surgery import SEED, RewriteRequest, Rewritten, cached_rewrite, head_frontier, rewrite
 from .targets import Targets, TargetSet, resolve_targets
-from .validate_model import checked_model
+from .validate_model import check_batch, checked_model
 
 #: pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x [0.9, 1, 1.1].
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple(
@@ -279,6 +279,8 @@ class Explainer:
         wanted = [n for n in dict.fromkeys(wanted) if n in session.output_names]
         chunks = [session.run({k: v[start:start + step] for k, v in feeds.items()}, wanted)
                   for start in range(0, total, step)]
+        for start, chunk in zip(range(0, total, step), chunks):
+            check_batch(chunk, min(step, total - start), self.source)
         return {name: np.concatenate([c[name] for c in chunks]) for name in wanted}
 
     def run(self, x: np.ndarray, seeds: np.ndarray, input_gradient: bool = False,
@@ -391,7 +393,8 @@ class Explainer:
         wanted = parts.targets
         count = wanted.seeds.shape[1]
         heatmaps = parts.maps.reshape((len(x), count) + parts.maps.shape[1:])
-        warn_empty_maps(heatmaps, spec.name, ("the input",) if spec.kind == "pixel" else self._layer_names)
+        warn_empty_maps(heatmaps, spec.name, ("the input",) if spec.kind == "pixel" else self._layer_names,
+                        parts.activations if spec.kind != "pixel" else None, parts.gradients)
         squeeze = (lambda a: a) if wanted.multi else (lambda a: a[:, 0])
         return Explanation(
             squeeze(heatmaps), parts.logits, squeeze(wanted.classes), self._layer_names, spec.name,

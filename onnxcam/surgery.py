@@ -46,6 +46,10 @@ from .errors import LayerError, ModelError, UnsupportedOpError
 from .model import ModelGraph, first_line, opset_of, with_shapes
 from .validate_model import quantized_ops_hint
 
+# onnx-graphsurgeon's own warnings ("Could not convert: UNDEFINED ...") would be stray lines
+# beside onnxcam's one-line errors; its errors surface as exceptions.
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
 SEED = "onnxcam_seed"
 GRAD_PREFIX = "onnxcam_grad/"
 METADATA_KEY = "onnxcam.rewrite"

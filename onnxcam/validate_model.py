@@ -467,3 +467,13 @@ def quantized_ops_hint(nodes) -> str:
     return (f"; {op} '{name}' computes on quantized integers, which have no gradient: explain the float "
             "model, or quantize it in QDQ format (onnxruntime.quantization.quantize_static(..., "
             "quant_format=QuantFormat.QDQ)), which onnxcam explains straight through DequantizeLinear")
+
+
+def check_batch(outputs: dict[str, np.ndarray], batch: int, source: str) -> None:
+    """Every output of a run on ``batch`` inputs has ``batch`` rows: a model whose layers move
+    the batch axis elsewhere (a Transpose over it) runs, but its logits are not per image."""
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != batch:
+            raise ModelError(f"{source}: '{name}' has shape {list(value.shape)} for a batch of {batch}: the "
+                             "model moves the batch axis (a Transpose or Reshape over it); onnxcam explains "
+                             "models whose outputs keep the input's first axis as the batch")

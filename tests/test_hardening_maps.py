@@ -56,6 +56,8 @@ def test_zero_activations_give_zero_maps_and_a_warning(method):
     assert not maps.any(), f"{method}: {maps.max()}"
     assert len(caught) == len(X)
     assert f"the {method} map of image 0 is all zero" in str(caught[0].message)
+    if METHODS[method].kind != "pixel":
+        assert "the activation at features is zero" in str(caught[0].message)
 
 
 @pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.kind in ("gradient", "pixel")]
@@ -67,6 +69,8 @@ def test_a_zero_gradient_gives_zero_maps_and_a_warning(method):
     maps, caught = _explain(ignored_class(), method)
     assert np.isfinite(maps).all() and not maps.any(), f"{method}: {maps.max()}"
     assert len(caught) == len(X)
+    if METHODS[method].kind == "gradient":
+        assert "the gradient of the target's score at features is zero" in str(caught[0].message)
 
 
 def test_maps_stay_nonzero_and_silent_normally():
@@ -88,5 +92,14 @@ def test_the_cli_prints_the_warning_as_one_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "warnings.warn" not in done.stderr
     warning_lines = [l for l in done.stderr.splitlines() if l.startswith("warning: ")]
-    assert warning_lines == ["warning: the gradcam map of image 0 is all zero: the activation or the gradient "
-                             "at features is zero there; try another layer, target or method"]
+    assert warning_lines == ["warning: the gradcam map of image 0 is all zero: the activation at features is "
+                             "zero; try another layer, target or method"]
+
+
+def test_negative_evidence_is_named_as_such():
+    """Class 2's head row is negative: every Grad-CAM weight is < 0 and the features are >= 0
+    (ReLU6), so the map is zero although nothing is: the warning says so."""
+    model = _with(conv_classifier(), "fc_w", lambda w: np.where(np.arange(len(w))[:, None] == 2, -np.abs(w), w))
+    maps, caught = _explain(model, "gradcam")
+    assert not maps.any() and len(caught) == len(X)
+    assert "nothing at features speaks for the target" in str(caught[0].message)

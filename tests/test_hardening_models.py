@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from onnxcam import Explainer
 from onnxcam.cli import app
-from onnxcam.errors import LayerError, ModelError
+from onnxcam.errors import LayerError, ModelError, OnnxcamError
 from onnxcam.model import load_model
 from onnxcam.validate_model import ort_max_opset
 from tests.tiny_models import build_model, conv_classifier
@@ -300,3 +300,15 @@ def test_a_model_whose_outputs_ignore_the_input_is_refused(tmp_path):
     path = _save(tmp_path, _edited(lambda m: m.graph.node[1].input.__setitem__(0, "w2")))
     with pytest.raises(ModelError, match=r"no output of the model depends on its input 'input'"):
         Explainer(path)
+
+
+def test_a_model_that_moves_the_batch_axis_is_refused():
+    """Found by the fuzz campaign: a Transpose over the batch axis (relu1 turned into a plain
+    Transpose) runs, but gives 8 rows of logits for 1 image; the maps failed to reshape."""
+    model = conv_classifier(size=8, batch=1)
+    model.graph.node[1].op_type = "Transpose"
+    explainer = Explainer(model, layer="c1", cache=False)
+    with pytest.raises(ModelError, match=r"has shape \[8, 5\] for a batch of 1: the model moves the batch axis"):
+        explainer.explain(X[:1, :, :8, :8], "eigencam")
+    with pytest.raises(OnnxcamError):  # the gradient model already disagrees with its seed's shape
+        explainer.explain(X[:1, :, :8, :8], "gradcam")
