@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -84,24 +86,22 @@ def _quiet_decode(raw: np.ndarray, flags: int = cv2.IMREAD_COLOR | cv2.IMREAD_AN
         logging.setLogLevel(level)
 
 
-class _muted_stderr:
-    """File descriptor 2 pointed at /dev/null within the block (no-op where it cannot be)."""
-
-    def __enter__(self):
-        try:
-            self.saved = os.dup(2)
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 2)
-            os.close(null)
-        except OSError:
-            self.saved = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            os.dup2(self.saved, 2)
-            os.close(self.saved)
-        return False
+@contextmanager
+def _muted_stderr() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null within the block (left alone where it cannot be)."""
+    try:
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    except OSError:
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
