@@ -9,22 +9,17 @@ themselves. Run once: ``python tools/make_image_fixtures.py`` (needs pillow).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "images"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.test_hardening_images import quadrants  # noqa: E402 - the pattern the tests check
 
-
-def quadrants(height: int = 12, width: int = 16) -> np.ndarray:
-    """Four colours, one per quadrant, so any flip or rotation shows."""
-    image = np.zeros((height, width, 3), np.uint8)
-    image[:height // 2, :width // 2] = (220, 40, 40)
-    image[:height // 2, width // 2:] = (40, 200, 40)
-    image[height // 2:, :width // 2] = (40, 40, 230)
-    image[height // 2:, width // 2:] = (240, 230, 60)
-    return image
+OUT = ROOT / "tests" / "data" / "images"
 
 
 def main() -> None:
