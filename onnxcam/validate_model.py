@@ -202,6 +202,9 @@ def _check_tensors(model: onnx.ModelProto, source: str) -> None:
                 or tensor.HasField("segment")):
             continue
         expected = int(np.prod(tensor.dims, dtype=object)) if tensor.dims else 1
+        if tensor.data_type == TensorProto.STRING and tensor.HasField("raw_data"):
+            raise ModelError(f"{source}: {name} is a string tensor with raw data, which ONNX does not allow: "
+                             "the file is corrupt; re-export it")
         if tensor.HasField("raw_data"):
             held = len(tensor.raw_data) / onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         else:
@@ -212,9 +215,9 @@ def _check_tensors(model: onnx.ModelProto, source: str) -> None:
                              f"{held:,g}: the file is corrupt or truncated; re-export it")
 
 
-#: Element types whose values are not counted here: strings, and the sub-byte types packed
-#: two or four to a byte.
-_UNCOUNTED = frozenset({TensorProto.STRING, TensorProto.UINT4, TensorProto.INT4, TensorProto.FLOAT4E2M1,
+#: Element types whose values are not counted here: the sub-byte types packed two or four to
+#: a byte.
+_UNCOUNTED = frozenset({TensorProto.UINT4, TensorProto.INT4, TensorProto.FLOAT4E2M1,
                         getattr(TensorProto, "UINT2", -1), getattr(TensorProto, "INT2", -1)})
 
 

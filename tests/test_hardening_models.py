@@ -78,6 +78,8 @@ CASES = {
     "an initializer short of values": (lambda m: setattr(m.graph.initializer[0], "raw_data",
                                                          m.graph.initializer[0].raw_data[:-4]),
                                        r"tensor 'w1' has dims \[8, 3, 3, 3\] \(216 values\) but holds 215"),
+    "a weight typed as strings": (lambda m: setattr(m.graph.initializer[0], "data_type", TensorProto.STRING),
+                                  r"tensor 'w1' is a string tensor with raw data"),
     "a Transpose perm that is no permutation": (
         lambda m: _insert_before_pool(m, helper.make_node("Transpose", ["features"], ["t"], name="odd", perm=[0, 3, 1, 1])),
         r"node 'odd' \(Transpose\) has perm \[0, 3, 1, 1\], not a permutation"),
