@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -29,7 +30,7 @@ import numpy as np
 import onnx
 
 from . import perturbation, pixel
-from .errors import LayerError, OnnxcamError, TargetError, UnsupportedOpError
+from .errors import LayerError, OnnxcamError, OnnxcamWarning, TargetError, UnsupportedOpError
 from .head import linear_head
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
 from .methods import METHODS, Method, combine_layers, scale_maps, warn_empty_maps
@@ -411,12 +412,15 @@ class Explainer:
         maps, plain = [], None
         for flip, factor in AUGMENTATIONS:
             augmented = np.flip(x, axis=width_axis) * np.float32(factor) if flip else x * np.float32(factor)
-            result = self._explain(np.ascontiguousarray(augmented), spec, wanted, options)
+            with warnings.catch_warnings():  # one augmentation's empty map is no news: the mean's is
+                warnings.simplefilter("ignore", OnnxcamWarning)
+                result = self._explain(np.ascontiguousarray(augmented), spec, wanted, options)
             maps.append(np.flip(result.heatmaps, axis=-1) if flip else result.heatmaps)
             if not flip and factor == 1.0:
                 plain = result
-        return replace(plain, heatmaps=np.mean(np.stack(maps), axis=0).astype(np.float32),
-                       seconds=time.perf_counter() - started)
+        mean = np.mean(np.stack(maps), axis=0).astype(np.float32)
+        warn_empty_maps(mean if plain.multi_target else mean[:, None], spec.name, self._layer_names)
+        return replace(plain, heatmaps=mean, seconds=time.perf_counter() - started)
 
     # -- the kinds ----------------------------------------------------------------------------
     def _layer_gradients(self, x: np.ndarray, wanted: TargetSet, forward: _Lazy) -> _Parts:

@@ -103,3 +103,10 @@ def test_negative_evidence_is_named_as_such():
     maps, caught = _explain(model, "gradcam")
     assert not maps.any() and len(caught) == len(X)
     assert "nothing at features speaks for the target" in str(caught[0].message)
+
+
+def test_aug_smooth_warns_about_the_mean_map_only():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Explainer(dead_features(), cache=False).explain(X, "gradcam", aug_smooth=True)
+    assert len([w for w in caught if issubclass(w.category, OnnxcamWarning)]) == len(X)  # not 6 x
