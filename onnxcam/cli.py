@@ -478,21 +478,6 @@ def _size(count: int) -> str:
     return f"{count:.1f} GiB"
 
 
-def _warnings_as_lines() -> None:
-    """onnxcam's own warnings as one ``warning: ...`` line; others as Python shows them."""
-    import warnings
-
-    from .errors import OnnxcamWarning
-    python_show = warnings.showwarning
-
-    def show(message, category, *args, **kwargs) -> None:
-        if issubclass(category, OnnxcamWarning):
-            typer.echo(f"warning: {message}", err=True)
-        else:
-            python_show(message, category, *args, **kwargs)
-    warnings.showwarning = show
-
-
 def main() -> None:
     import logging
     import os
@@ -501,7 +486,6 @@ def main() -> None:
     # ONNXCAM_LOG=info shows e.g. how many nodes onnxruntime placed on the CPU under CUDA
     level = logging.getLevelName(os.environ.get("ONNXCAM_LOG", "warning").upper())
     logging.basicConfig(level=level if isinstance(level, int) else logging.WARNING, format="%(levelname)s: %(message)s")
-    _warnings_as_lines()
     remove_temporaries_on_signal()  # SIGTERM: no temporary file left behind
     app()
 

@@ -42,4 +42,5 @@ class TargetError(OnnxcamError):
 
 class OnnxcamWarning(UserWarning):
     """Something the user should know that does not stop the work (a cache entry rebuilt, a
-    provider that runs part of the graph on the CPU). The CLI prints ``warning: <message>``."""
+    provider that runs part of the graph on the CPU, an image decoded reduced, an all-zero
+    map). The CLI prints each as one ``warning: <message>`` line."""

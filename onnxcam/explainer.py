@@ -33,13 +33,14 @@ from . import dense as dense_outputs, perturbation, pixel
 from .errors import LayerError, OnnxcamError, OnnxcamWarning, TargetError, UnsupportedOpError
 from .head import linear_head
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
-from .methods import METHODS, Method, combine_layers, scale_maps
+from .methods import METHODS, Method, combine_layers, scale_maps, warn_empty_maps
 from .model import Layer, ModelGraph, load_model, pin_input_size
 from .cache import cached_rewrite
 from .runtime import Session, resolve_provider
 from .surgery import SEED, RewriteRequest, Rewritten, head_frontier, rewrite
 from .targets import Targets, TargetSet, resolve_targets
 from .validate import check_class_scores, finite_rows, nonfinite_message
+from .validate_model import check_batch, checked_model
 
 #: pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x [0.9, 1, 1.1].
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple(
@@ -167,7 +168,7 @@ class Explainer:
         resolve_provider(provider)  # an unknown or unusable provider fails now, before any work
         provider = str(provider).lower()
         if isinstance(model, onnx.ModelProto):
-            self.source, proto = "<model>", model
+            self.source, proto = "<model>", checked_model(model, "<model>")
         else:
             self.source, proto = str(model), load_model(model)
         proto = pin_input_size(proto, input_size, self.source)
@@ -316,7 +317,9 @@ class Explainer:
             real = min(step, total - start)
             if not rewritten.batch_dynamic and real < step:  # a fixed batch: pad, then drop the padding
                 chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in chunk.items()}
-            chunks.append({n: o[:real] for n, o in session.run(chunk, wanted).items()})
+            outputs = session.run(chunk, wanted)
+            check_batch(outputs, len(next(iter(chunk.values()))), self.source)
+            chunks.append({n: o[:real] for n, o in outputs.items()})
         return {name: np.concatenate([c[name] for c in chunks]) for name in wanted}
 
     def run(self, x: np.ndarray, seeds: np.ndarray, input_gradient: bool = False,
@@ -448,6 +451,8 @@ class Explainer:
         wanted = parts.targets
         count = wanted.seeds.shape[1]
         heatmaps = parts.maps.reshape((len(x), count) + parts.maps.shape[1:])
+        warn_empty_maps(heatmaps, spec.name, ("the input",) if spec.kind == "pixel" else self._layer_names,
+                        parts.activations if spec.kind != "pixel" else None, parts.gradients)
         squeeze = (lambda a: a) if wanted.multi else (lambda a: a[:, 0])
         return Explanation(
             squeeze(heatmaps), parts.logits, squeeze(wanted.classes), self._layer_names, spec.name,
@@ -464,12 +469,15 @@ class Explainer:
         maps, plain = [], None
         for flip, factor in AUGMENTATIONS:
             augmented = np.flip(x, axis=width_axis) * np.float32(factor) if flip else x * np.float32(factor)
-            result = self._explain(np.ascontiguousarray(augmented), spec, wanted, options)
+            with warnings.catch_warnings():  # one augmentation's empty map is no news: the mean's is
+                warnings.simplefilter("ignore", OnnxcamWarning)
+                result = self._explain(np.ascontiguousarray(augmented), spec, wanted, options)
             maps.append(np.flip(result.heatmaps, axis=-1) if flip else result.heatmaps)
             if not flip and factor == 1.0:
                 plain = result
-        return replace(plain, heatmaps=np.mean(np.stack(maps), axis=0).astype(np.float32),
-                       seconds=time.perf_counter() - started)
+        mean = np.mean(np.stack(maps), axis=0).astype(np.float32)
+        warn_empty_maps(mean if plain.multi_target else mean[:, None], spec.name, self._layer_names)
+        return replace(plain, heatmaps=mean, seconds=time.perf_counter() - started)
 
     # -- the kinds ----------------------------------------------------------------------------
     def _layer_gradients(self, x: np.ndarray, wanted: TargetSet, forward: _Lazy) -> _Parts:

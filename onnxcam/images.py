@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .decode import load_image, to_rgb  # noqa: F401 - decoding lives in decode.py, re-exported
 from .errors import ImageError, OnnxcamError
 from .labels import load_labels  # noqa: F401 - moved to onnxcam.labels; importable from here as before
 
@@ -180,49 +181,3 @@ def _three(values: Sequence[float], name: str) -> tuple[float, float, float]:
     return tuple(values)  # type: ignore[return-value]
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB float32 (H, W, 3) in [0, 255] from any image file OpenCV decodes."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    raw = np.fromfile(str(path), dtype=np.uint8)  # imdecode also handles non-ASCII paths
-    image = _quiet_decode(raw) if raw.size else None
-    if image is None:
-        raise ImageError(f"{path}: cannot be decoded as an image (jpg, png, bmp, tiff, webp, ...)")
-    return to_rgb(image)
-
-
-def _quiet_decode(raw: np.ndarray) -> np.ndarray | None:
-    """``cv2.imdecode`` without OpenCV's own log line on a bad file: the caller reports it,
-    naming the file, in one line."""
-    logging = cv2.utils.logging
-    level = logging.getLogLevel()
-    logging.setLogLevel(logging.LOG_LEVEL_SILENT)
-    try:
-        return cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
-    finally:
-        logging.setLogLevel(level)
-
-
-def to_rgb(image: np.ndarray) -> np.ndarray:
-    """Decoded OpenCV image (any depth, 1/3/4 channels, BGR) -> RGB float32 in [0, 255]."""
-    if image.dtype == np.uint16:
-        pixels = image.astype(np.float32) / 257.0
-    elif image.dtype.kind == "f":
-        pixels = image.astype(np.float32)
-        finite = pixels[np.isfinite(pixels)]
-        if finite.size and finite.max() <= 1.0:
-            pixels = pixels * 255.0
-        pixels = np.nan_to_num(np.clip(pixels, 0.0, 255.0))
-    else:
-        pixels = image.astype(np.float32)
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    channels = pixels.shape[2]
-    if channels == 1:
-        return np.repeat(pixels, 3, axis=2)
-    if channels == 4:
-        pixels = pixels[..., :3]  # alpha is dropped, as torchvision/PIL convert("RGB") does
-    elif channels != 3:
-        raise ImageError(f"unsupported image with {channels} channels")
-    return np.ascontiguousarray(pixels[..., ::-1])

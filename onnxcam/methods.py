@@ -292,3 +292,31 @@ def combine_layers(per_layer: Sequence[np.ndarray], size: tuple[int, int]) -> np
     scaled = [scale_maps(maps, size) for maps in per_layer]
     mean = scaled[0] if len(scaled) == 1 else np.mean(np.stack(scaled), axis=0)
     return scale_maps(mean)
+
+
+def warn_empty_maps(maps: np.ndarray, method: str, layers: Sequence[str],
+                    activations: dict[str, np.ndarray] | None = None,
+                    gradients: dict[str, np.ndarray] | None = None) -> None:
+    """An :class:`~onnxcam.errors.OnnxcamWarning` per all-zero map of a batch (N, T, H, W),
+    saying why when it can: the activations (N, K, h, w) are zero, or the gradients
+    (N, T, K, h, w) of the target's score are; else no part of the layer speaks for the
+    target (every weighted activation is <= 0, which the ReLU of the map zeroes).
+
+    The zero map is right in each case, and the scaling keeps it zero (:func:`scale_maps`);
+    the warning says why the overlay shows nothing."""
+    import warnings
+
+    from .errors import OnnxcamWarning
+
+    where = ", ".join(layers)
+    empty = ~(maps.reshape(maps.shape[0], maps.shape[1], -1) > 0).any(axis=-1)
+    for image, target in zip(*np.nonzero(empty)):
+        if activations and not any(A[image].any() for A in activations.values()):
+            why = f"the activation at {where} is zero"
+        elif gradients and not any(G[image, min(target, G.shape[1] - 1)].any() for G in gradients.values()):
+            why = f"the gradient of the target's score at {where} is zero"
+        else:
+            why = f"nothing at {where} speaks for the target (zero or negative evidence everywhere)"
+        which = f"image {image}" + (f", target {target}" if maps.shape[1] > 1 else "")
+        warnings.warn(f"the {method} map of {which} is all zero: {why}; try another layer, target or method",
+                      OnnxcamWarning, stacklevel=3)

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 
 from . import large_models
 from .errors import LayerError, ModelError
+from .validate_model import checked_model, quantized_ops_hint
 
 #: Ops whose output is NCHW by the ONNX spec whatever feeds them.
 _NCHW_OPS = frozenset({
@@ -42,9 +43,11 @@ _LAYOUT_PRESERVING_OPS = frozenset({
     "Reciprocal", "Neg", "Abs", "Add", "Sub", "Mul", "Div", "Sum", "Mean", "Max", "Min",
     "Where", "Identity", "Dropout", "Cast", "Pad", "Concat", "Slice", "Resize", "Upsample",
     "Mish", "Swish", "Floor", "Ceil", "Round", "Sign", "Not", "Equal", "Less", "Greater",
+    "QuantizeLinear", "DequantizeLinear",
 })
 
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 _FLOAT_TYPES = frozenset({
     onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -88,7 +91,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: its external weights cannot be read ({first_line(exc)})") from None
-    return model
+    return checked_model(model, str(path))
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -341,6 +344,8 @@ class ModelGraph:
 
     def _through_softmax(self, name: str) -> str:
         node = self.producer.get(name)
+        while node is not None and node.op_type in _QDQ_OPS:  # a quantized model's Softmax output
+            node = self.producer.get(node.input[0])
         return node.input[0] if node is not None and node.op_type in _SOFTMAX_OPS else name
 
     def ancestors(self, name: str) -> set[str]:
@@ -383,7 +388,7 @@ class ModelGraph:
                     else "; onnxcam explains convolutional classifiers")
             raise LayerError(
                 f"{self.source}: no spatial activation (a 4-D tensor with H*W > 1 and a known "
-                f"layout) feeds the output '{logits}'{hint}")
+                f"layout) feeds the output '{logits}'{quantized_ops_hint(self.model.graph.node) or hint}")
         last = candidates[-1]
         return [c if c is not last else Layer(**{**c.__dict__, "default": True}) for c in candidates]
 

@@ -258,7 +258,7 @@ class Session:
         wanted = resolve_provider(provider)
         self.source = source
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors come back as one OnnxcamError line, not a log line too
         options.graph_optimization_level = optimization
         if threads:
             options.intra_op_num_threads = threads

@@ -43,6 +43,11 @@ from .autodiff.rules import VJP, Rule
 from . import large_models
 from .errors import LayerError, ModelError, UnsupportedOpError
 from .model import ModelGraph, first_line, opset_of, with_shapes
+from .validate_model import quantized_ops_hint
+
+# onnx-graphsurgeon's own warnings ("Could not convert: UNDEFINED ...") would be stray lines
+# beside onnxcam's one-line errors; its errors surface as exceptions.
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 SEED = "onnxcam_seed"
 GRAD_PREFIX = "onnxcam_grad/"
@@ -147,8 +152,9 @@ def rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<mod
     graph, tensors, wrt = _prepare(model, request, source)
     gradient_plan = plan(wrt, tensors[request.logits], rules)
     if gradient_plan.missing:
+        missing = [(n.op, n.name) for n in gradient_plan.missing]
         raise UnsupportedOpError(
-            f"{source}: {describe_missing(gradient_plan.missing)}; "
+            f"{source}: {describe_missing(gradient_plan.missing)}{quantized_ops_hint(missing)}; "
             f"{_working_layers_hint(model, tensors, request.logits, rules)}",
             [(n.op, n.name) for n in gradient_plan.missing])
     if gradient_plan.min_opset > opset_of(model):

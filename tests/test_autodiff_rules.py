@@ -628,8 +628,9 @@ def test_rule_matches_finite_differences(op, args, attrs, options, optimization)
 def test_grid_is_large():
     """The grid covers every rule (guards against a refactor silently dropping cases)."""
     from onnxcam.autodiff import RULES
+    from onnxcam.autodiff.rules import STRAIGHT_THROUGH  # no derivative to difference: tests/test_hardening_models.py
     covered = {p.values[0] for p in CASES}
-    assert set(RULES) - covered == set()
+    assert set(RULES) - covered - STRAIGHT_THROUGH == set()
     assert len(CASES) >= 300
 
 

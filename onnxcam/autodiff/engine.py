@@ -42,6 +42,12 @@ def _is_float(tensor: gs.Tensor) -> bool:
         return False
 
 
+def _carries_gradient(tensor: gs.Tensor) -> bool:
+    """Float tensors, and the integers QuantizeLinear makes: the gradient passes straight
+    through a QuantizeLinear -> DequantizeLinear pair (see their rules)."""
+    return _is_float(tensor) or any(node.op == "QuantizeLinear" for node in tensor.inputs)
+
+
 def differentiable_path(wrt: Iterable[gs.Tensor], output: gs.Tensor) -> tuple[list[gs.Node], set[str]]:
     """Nodes on a float path from any of ``wrt`` to ``output`` (graph order), and the names of
     the tensors on such paths: exactly the tensors that receive a gradient."""
@@ -49,7 +55,7 @@ def differentiable_path(wrt: Iterable[gs.Tensor], output: gs.Tensor) -> tuple[li
     stack = list(wrt)
     while stack:
         tensor = stack.pop()
-        if tensor.name in downstream or not _is_float(tensor):
+        if tensor.name in downstream or not _carries_gradient(tensor):
             continue
         downstream.add(tensor.name)
         for node in tensor.outputs:

@@ -1393,3 +1393,58 @@ def _along_axis(b: Emitter, matrix: Tensor, grad: Tensor, axis: int, rank: int) 
     perm = list(range(rank))
     perm[axis], perm[rank - 2] = perm[rank - 2], perm[axis]
     return b.transpose(b.matmul(matrix, b.transpose(grad, perm)), perm)
+
+
+# -- quantization (QDQ models) ----------------------------------------------------------------
+
+#: Rules that are estimators, not derivatives (quantization is piecewise constant): checked
+#: against their definition, not finite differences.
+STRAIGHT_THROUGH = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+#: Integer range of each QuantizeLinear output type.
+_QUANT_RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255),
+                 np.dtype(np.int16): (-32768, 32767), np.dtype(np.uint16): (0, 65535)}
+
+
+def _per_axis(ctx: VJP, tensor: gs.Tensor) -> Tensor:
+    """A scale or zero point as float, shaped to broadcast against the quantized tensor: a
+    1-D per-axis one gets size 1 on every axis but ``axis``."""
+    b, x = ctx.b, ctx.x[0]
+    if ctx.attr("block_size", 0):
+        raise NotImplementedError("blocked quantization (block_size) has no gradient rule")
+    value = b.as_float(tensor) if tensor.dtype is None or np.dtype(tensor.dtype) != b.float_dtype else tensor
+    shape = static_shape(tensor)
+    if shape is None or len(shape) == 0 or (len(shape) == 1 and shape[0] == 1):
+        return value
+    rank = rank_of(x, ctx.node.op)
+    axis = ctx.attr("axis", 1) % rank
+    return b.reshape(value, [-1 if a == axis else 1 for a in range(rank)])
+
+
+@rule("DequantizeLinear")
+def _dequantize_linear(ctx: VJP):
+    """y = (q - zero_point) * scale: dq = g * scale (the gradient of the integers is carried
+    as float; only :func:`_quantize_linear` consumes it)."""
+    return [ctx.b.mul(ctx.g, _per_axis(ctx, ctx.x[1]))]
+
+
+@rule("QuantizeLinear")
+def _quantize_linear(ctx: VJP):
+    """q = saturate(round(x / scale) + zero_point): the straight-through estimator (Bengio et
+    al. 2013, as quantization-aware training uses it, e.g. torch's ``fake_quantize``
+    backward): rounding counts as the identity, saturation does not, so
+    dx = g / scale where ``qmin <= round(x / scale) + zero_point <= qmax``, else 0. With the
+    DequantizeLinear after it (same scale) a QDQ pair passes g through unchanged wherever x is
+    inside the representable range."""
+    b, x, q = ctx.b, ctx.x[0], ctx.y[0]
+    scale = _per_axis(ctx, ctx.x[1])
+    zero = _per_axis(ctx, ctx.x[2]) if ctx.has_input(2) else 0.0
+    dtype = q.dtype if q.dtype is not None else (ctx.x[2].dtype if ctx.has_input(2) else np.uint8)
+    try:
+        low, high = _QUANT_RANGES[np.dtype(dtype)]
+    except (KeyError, TypeError):
+        raise NotImplementedError(f"quantization to {dtype} has no gradient rule (int8, uint8, int16, "
+                                  "uint16 have)") from None
+    level = b.add(b.op("Round", b.div(x, scale)), zero)
+    inside = b.and_(b.op("GreaterOrEqual", level, float(low)), b.op("LessOrEqual", level, float(high)))
+    return [b.where(inside, b.div(ctx.g, scale), 0.0)]
