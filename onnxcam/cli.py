@@ -1,13 +1,13 @@
 """Stage 6: the ``onnxcam`` command line (typer).
 
-Errors in the user's input print one line, ``error: ...``, and exit with status 2; nothing is
-written unless every image was explained (outputs are computed first, then written atomically).
+Errors in the user's input print one line, ``error: ...``, and exit with status 2, before any
+output is written. ``explain`` streams through :mod:`onnxcam.runner`: an image that fails is
+recorded and the others go on (exit status 1); every file is written atomically.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,10 +17,9 @@ import typer
 from .errors import OnnxcamError, TargetError
 from .explainer import Explainer
 from .export import export_explained, exportable_methods, save_explained
-from .images import load_image, load_labels
+from .images import load_labels
 from .methods import METHODS
-from .files import atomic_write_bytes
-from .visualize import encode_png, overlay, resize_map
+from .runner import Settings, Worker, explain_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Explain ONNX image classifiers: Grad-CAM and relatives, on onnxruntime.")
@@ -145,8 +144,17 @@ def explain(
     std: Annotated[Optional[str], typer.Option("--std", help="per-channel std")] = None,
     scale: Annotated[Optional[float], typer.Option("--scale", help="divide pixels by this first (default 255)")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
+    glob: Annotated[Optional[str], typer.Option("--glob", help="in folders, only files matching this pattern (e.g. '*.jpg')")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="redo images results.jsonl records as done")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar and no line per image")] = False,
+    overlay_size: Annotated[Optional[int], typer.Option("--overlay-size", min=16, help="overlays' longer side at most this (default: the image's size)")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="run on Ray: a cluster address (ray://host:10001, auto) or 'local'")] = None,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", min=1, help="Ray: actors, each with its own onnxruntime session")] = 2,
+    ray_gpus: Annotated[float, typer.Option("--ray-gpus", min=0.0, help="Ray: GPUs per actor (use with --provider cuda)")] = 0.0,
 ) -> None:
-    """Explain IMAGES with MODEL; writes overlays, optional .npy maps and results.json."""
+    """Explain IMAGES (files, folders walked recursively, glob patterns) with MODEL; writes
+    overlays, optional .npy maps, results.jsonl (resumable) and results.json. Exit status:
+    0 all explained, 1 some images failed (listed), 2 usage or model error."""
     try:
         Explainer.method(method)
         if sum(x is not None and x != [] for x in (target, topk, seed_vector)) > 1:
@@ -161,35 +169,25 @@ def explain(
                        baseline=baseline)
         preprocess = explainer.preprocess(preset, size, mean=_floats(mean, "--mean"),
                                           std=_floats(std, "--std"), scale=scale)
-        pictures = [load_image(path) for path in images]  # every image decodes before any output
-        stems = _unique_stems(images)
-        records: list[dict] = []
-        files: dict[str, bytes] = {}
-        for start in range(0, len(pictures), batch_size):
-            chunk = pictures[start:start + batch_size]
-            started = time.perf_counter()
-            x = preprocess(chunk)
-            result = explainer.explain(x, method=method, targets=targets, **options)
-            importance = explainer.channels(x, method, targets, k=channels, **options) if channels else None
-            seconds = (time.perf_counter() - started) / len(chunk)
-            for offset, picture in enumerate(chunk):
-                stem = stems[start + offset]
-                record = _explained_image(result, offset, picture, stem, method, labels, npy, files)
-                record.update(file=str(images[start + offset]), seconds=round(seconds, 4))
-                if importance is not None:
-                    record["channels"] = _channel_record(importance, offset, picture, stem, files)
-                records.append(record)
-        files["results.json"] = json.dumps(records, indent=1).encode()
+        settings = Settings(method, targets, options, tuple(labels) if labels else None, npy, channels, overlay_size)
+        summary = explain_folder(Worker(explainer, preprocess, settings, outdir), images, outdir,
+                                 pattern=glob, batch_size=batch_size, overwrite=overwrite, progress=not quiet,
+                                 on_record=None if quiet else _echo_record, ray=ray,
+                                 ray_workers=ray_workers, ray_gpus=ray_gpus)
     except OnnxcamError as exc:
         fail(str(exc))
         return
-    outdir.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        atomic_write_bytes(outdir / name, data)
-    for record in records:
-        shown = ", ".join(_describe_target(t) for t in record["targets"])
-        typer.echo(f"{record['file']}: {shown} [{record['provider']}, {record['seconds'] * 1000:.0f} ms]")
-    typer.echo(f"wrote {len(files)} files to {outdir}")
+    for line in summary.lines():
+        typer.echo(line, err=line.startswith(("failed:", "interrupted:")))
+    raise typer.Exit(summary.exit_code)
+
+
+def _echo_record(record: dict) -> None:
+    if "error" in record:
+        typer.echo(f"{record['file']}: error: {record['error']}", err=True)
+        return
+    shown = ", ".join(_describe_target(t) for t in record["targets"])
+    typer.echo(f"{record['file']}: {shown} [{record['provider']}, {record['seconds'] * 1000:.0f} ms]")
 
 
 def _describe_target(target: dict) -> str:
@@ -197,71 +195,6 @@ def _describe_target(target: dict) -> str:
         return "seed vector"
     label = f" ({target['label']})" if target["label"] else ""
     return f"class {target['target']}{label} p={target['probability']:.3f}"
-
-
-def _explained_image(result, index: int, picture: np.ndarray, stem: str, method: str,
-                     labels: Optional[list[str]], npy: bool, files: dict[str, bytes]) -> dict:
-    """Overlays (and .npy maps) of one image, one per target, and its results.json record."""
-    targets = []
-    classes = result.targets[index].reshape(-1)
-    for slot, cls in enumerate(classes):
-        cls = int(cls)
-        name = f"{stem}.{method}" if len(classes) == 1 else f"{stem}.{method}.{cls if cls >= 0 else f'seed{slot}'}"
-        heatmap = resize_map(result.per_target[index, slot], picture.shape[:2])
-        files[f"{name}.png"] = encode_png(overlay(picture, heatmap))
-        if npy:
-            files[f"{name}.npy"] = _npy_bytes(heatmap)
-        targets.append({
-            "target": cls, "label": labels[cls] if labels and 0 <= cls < len(labels) else None,
-            "probability": float(result.probabilities[index, cls]) if cls >= 0 else None,
-            "overlay": f"{name}.png",
-        })
-    record = {"target": targets[0]["target"], "label": targets[0]["label"],
-              "probability": targets[0]["probability"], "targets": targets,
-              "layer": result.layer, "method": method, "provider": result.provider}
-    return record
-
-
-def _channel_record(importance, index: int, picture: np.ndarray, stem: str, files: dict[str, bytes]) -> dict:
-    """The K most and least important channels of one image (first target): a grid image
-    (top row: most important, bottom row: least) and their indices and weights."""
-    pick = (lambda a: a[index] if a.ndim in (2, 4) else a[index, 0])
-    rows = []
-    for maps in (importance.most_maps, importance.least_maps):
-        chosen = maps[index] if maps.ndim == 4 else maps[index, 0]
-        tiles = [overlay(picture, m) for m in chosen]
-        tiles = [cv2_resize(t, (128, 128)) for t in tiles]
-        rows.append(np.concatenate(tiles, axis=1))
-    name = f"{stem}.{importance.method}.channels.png"
-    files[name] = encode_png(np.concatenate(rows, axis=0))
-    return {"layer": importance.layer, "grid": name,
-            "most": [int(c) for c in pick(importance.most)],
-            "most_weights": [float(w) for w in pick(importance.most_weights)],
-            "least": [int(c) for c in pick(importance.least)],
-            "least_weights": [float(w) for w in pick(importance.least_weights)]}
-
-
-def cv2_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def _unique_stems(paths: list[Path]) -> list[str]:
-    """File stems, disambiguated when two images share one (a/x.jpg, b/x.png)."""
-    seen: dict[str, int] = {}
-    stems = []
-    for path in paths:
-        stem = path.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return stems
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-    buffer = io.BytesIO()
-    np.save(buffer, array.astype(np.float32))
-    return buffer.getvalue()
 
 
 @app.command("export")

@@ -1,0 +1,572 @@
+"""Explain many images: folders walked, decoded, explained and written batch by batch.
+
+The CLI's ``explain`` (and :mod:`onnxcam.distributed` on Ray) run through here:
+
+    find_images -> Worker.check (one blank image: model, method and target errors first)
+    -> prepare_outdir (writable, before any image is read) -> Journal (what is done already)
+    -> per batch: decode (thread pool, ahead of the model) -> Explainer.explain (the model)
+       -> overlays, PNG encoding, atomic writes (thread pool, behind the model)
+       -> one line per image appended to results.jsonl once its files exist.
+
+Memory is bounded by the batch: at most two batches are decoded ahead and at most two
+batches' images wait to be written, whatever the number of images. OpenCV's decode, resize
+and PNG encoder and onnxruntime release the GIL, so the pools overlap with the model.
+
+Outputs mirror the inputs' paths relative to their common folder (:func:`output_names`), so
+``a/x.jpg`` and ``b/x.jpg`` never share a file. A rerun skips the images ``results.jsonl``
+records as done whose files still exist; an image that fails (unreadable, refused by the
+model) is recorded with its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import glob as globbing
+import json
+import math
+import os
+import posixpath
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from .errors import OnnxcamError
+from .explainer import ChannelImportance, Explainer, Explanation
+from .files import atomic_write_bytes
+from .images import Preprocess, load_image
+from .visualize import bounded, encode_png, overlay, resize_map, to_uint8
+
+#: File name endings OpenCV decodes; other files found in a folder are skipped (and counted).
+IMAGE_SUFFIXES = frozenset(
+    ".jpg .jpeg .jpe .jp2 .png .bmp .dib .tif .tiff .webp .avif .pbm .pgm .ppm .pxm .pnm .pfm "
+    ".sr .ras .exr .hdr .pic".split())
+JOURNAL = "results.jsonl"
+SUMMARY = "results.json"
+GRID_TILE = 128  # side of one tile of the --channels grid
+
+
+# -- which images, under which names ----------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One input image: ``path`` as found, ``key`` its path relative to the inputs' common
+    folder (what results.jsonl records), ``name`` its outputs' base name under the output folder."""
+
+    path: str
+    key: str
+    name: str
+
+
+@dataclass
+class Inputs:
+    items: list[Item]
+    ignored: list[str] = field(default_factory=list)  # files in folders that are not images
+
+
+def find_images(arguments: Sequence[str | os.PathLike], pattern: str | None = None,
+                exclude: str | os.PathLike | None = None) -> Inputs:
+    """Image files from files, folders (walked recursively, in sorted order) and glob patterns
+    (``photos/**/*.jpg``). ``pattern`` keeps only the folders' files whose name or relative
+    path matches it; ``exclude`` (the output folder) is never walked."""
+    found: list[tuple[str, str]] = []  # (root, path)
+    ignored: list[str] = []
+    skip = os.path.abspath(exclude) if exclude is not None else None
+    for argument in arguments:
+        text = os.fspath(argument)
+        if os.path.isdir(text):
+            for path in _walk(text, skip):
+                relative = os.path.relpath(path, text).replace(os.sep, "/")
+                if pattern and not (fnmatch(os.path.basename(path), pattern) or fnmatch(relative, pattern)):
+                    continue
+                if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+                    found.append((text, path))
+                else:
+                    ignored.append(path)
+        elif os.path.isfile(text):
+            found.append((os.path.dirname(text) or ".", text))
+        elif globbing.has_magic(text):
+            matches = sorted(p for p in globbing.glob(text, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise OnnxcamError(f"{text}: no image file matches this pattern")
+            found += [(_glob_root(text), p) for p in matches]
+        else:
+            raise OnnxcamError(f"{text}: no such image file or folder")
+    unique: dict[str, tuple[str, str]] = {}
+    for root, path in found:
+        unique.setdefault(os.path.abspath(path), (os.path.abspath(root), path))
+    if not unique:
+        return Inputs([], ignored)
+    keys = _relative_keys({absolute: root for absolute, (root, _) in unique.items()})
+    names = output_names(keys.values())
+    return Inputs([Item(path, keys[absolute], names[keys[absolute]]) for absolute, (_, path) in unique.items()],
+                  ignored)
+
+
+def _walk(folder: str, skip: str | None) -> Iterator[str]:
+    for current, folders, files in os.walk(folder):
+        folders[:] = sorted(f for f in folders
+                            if not f.startswith(".") and os.path.abspath(os.path.join(current, f)) != skip)
+        for name in sorted(files):
+            if not name.startswith("."):  # hidden files (.DS_Store, temporary files) are not inputs
+                yield os.path.join(current, name)
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder of a glob pattern before its first wildcard component."""
+    parts = Path(pattern).parts
+    fixed = [p for p in parts[:next(i for i, p in enumerate(parts) if globbing.has_magic(p))]]
+    return os.path.join(*fixed) if fixed else "."
+
+
+def _relative_keys(roots: dict[str, str]) -> dict[str, str]:
+    """Each file's path relative to the common folder of every input's root, '/'-separated."""
+    try:
+        common = os.path.commonpath(list(roots.values()))
+    except ValueError:  # different drives: keep whole paths, without their anchors
+        return {path: PurePosixPath(*Path(path).parts[1:]).as_posix() for path in roots}
+    return {path: os.path.relpath(path, common).replace(os.sep, "/") for path in roots}
+
+
+def output_names(keys: Iterable[str]) -> dict[str, str]:
+    """Output base names (without ``.<method>.png``) for relative input paths: the same
+    folders, and the file's stem, unless another input in that folder has the same stem or is
+    named like it, then the whole file name: ``a/x.jpg`` -> ``a/x``; ``a/x.bmp``, ``a/x.jpg``,
+    ``a/x-2.bmp`` -> ``a/x.bmp``, ``a/x.jpg``, ``a/x-2``.
+
+    Distinct inputs get distinct names: stems used are unique in their folder and are no
+    input's whole name there, whole names are distinct. A name depends only on the inputs in
+    its own folder, never on their order."""
+    by_folder: dict[str, list[str]] = {}
+    for key in keys:
+        folder, name = posixpath.split(key)
+        by_folder.setdefault(folder, []).append(name)
+    names: dict[str, str] = {}
+    for folder, files in by_folder.items():
+        stems = Counter(PurePosixPath(f).stem for f in files)
+        whole = set(files)
+        for file in files:
+            stem = PurePosixPath(file).stem
+            base = stem if stems[stem] == 1 and stem not in whole else file
+            names[posixpath.join(folder, file)] = posixpath.join(folder, base)
+    return names
+
+
+# -- what to do with each image -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """What is explained and written per image. ``targets`` and ``options`` are
+    :meth:`Explainer.explain`'s (they apply to every batch); ``channels`` adds the K most and
+    least important channels; ``overlay_size`` bounds the overlays' longer side (None: the
+    image's own size); ``npy`` also writes the map at the image's size."""
+
+    method: str = "gradcam"
+    targets: Any = None
+    options: dict = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+    npy: bool = False
+    channels: int | None = None
+    overlay_size: int | None = None
+
+
+@dataclass
+class Decoded:
+    item: Item
+    x: np.ndarray  # the preprocessed image, model layout, no batch axis
+    picture: np.ndarray  # RGB uint8, already bounded to the overlay size
+    size: tuple[int, int]  # the image's own (H, W)
+
+
+@dataclass
+class Explained:
+    decoded: Decoded
+    result: Explanation
+    importance: ChannelImportance | None
+    index: int
+    seconds: float
+
+
+class Worker:
+    """Decodes, explains and writes images with one explainer (its onnxruntime sessions).
+    Every step is a plain method so a local pipeline and a Ray actor schedule the same code."""
+
+    def __init__(self, explainer: Explainer, preprocess: Preprocess, settings: Settings, outdir: str | os.PathLike):
+        self.explainer, self.preprocess, self.settings = explainer, preprocess, settings
+        self.outdir = Path(outdir)
+
+    def check(self) -> None:
+        """One blank image through the whole path (preprocessing, rewrite, sessions, method,
+        targets, channels): problems that would fail every image are raised before any is read."""
+        x = self.preprocess([np.zeros((8, 8, 3), np.float32)])
+        self._run(x)
+
+    def decode(self, item: Item) -> Decoded:
+        picture = load_image(item.path)
+        x = self.preprocess([picture])[0]
+        size = picture.shape[:2]
+        return Decoded(item, x, to_uint8(bounded(picture, self.settings.overlay_size)), size)
+
+    def explain(self, batch: list[Decoded]) -> list[Explained | dict]:
+        """The batch explained in one call; when that fails, image by image, so one bad image
+        becomes one failure record (see :func:`failure`) and the others are explained."""
+        if not batch:
+            return []
+        started = time.perf_counter()
+        try:
+            result, importance = self._run(np.stack([d.x for d in batch]))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            if len(batch) == 1:
+                return [failure(batch[0].item, self.settings.method, exc)]
+            return [outcome for decoded in batch for outcome in self.explain([decoded])]
+        seconds = (time.perf_counter() - started) / len(batch)
+        return [Explained(d, result, importance, i, seconds) for i, d in enumerate(batch)]
+
+    def _run(self, x: np.ndarray) -> tuple[Explanation, ChannelImportance | None]:
+        s = self.settings
+        result = self.explainer.explain(x, method=s.method, targets=s.targets, **s.options)
+        importance = (self.explainer.channels(x, s.method, s.targets, k=s.channels, **s.options)
+                      if s.channels else None)
+        return result, importance
+
+    def write(self, done: Explained) -> dict:
+        """The image's files (overlays, maps, channel grid) written atomically, then its record;
+        a failure record when writing fails."""
+        try:
+            files, record = self.render(done)
+            for name, data in files.items():
+                target = self.outdir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(target, data)
+        except Exception as exc:  # noqa: BLE001 - a full disk fails this image, not the run
+            return failure(done.decoded.item, self.settings.method, exc)
+        return record
+
+    def render(self, done: Explained) -> tuple[dict[str, bytes], dict]:
+        """Files (name -> bytes) and the results record of one explained image."""
+        s, item, result, index = self.settings, done.decoded.item, done.result, done.index
+        files: dict[str, bytes] = {}
+        targets = []
+        classes = result.targets[index].reshape(-1)
+        for slot, cls in enumerate(classes):
+            cls = int(cls)
+            name = (f"{item.name}.{s.method}" if len(classes) == 1
+                    else f"{item.name}.{s.method}.{cls if cls >= 0 else f'seed{slot}'}")
+            small = result.per_target[index, slot]
+            files[f"{name}.png"] = encode_png(overlay(done.decoded.picture, small))
+            if s.npy:
+                files[f"{name}.npy"] = _npy_bytes(resize_map(small, done.decoded.size))
+            targets.append({
+                "target": cls,
+                "label": s.labels[cls] if s.labels and 0 <= cls < len(s.labels) else None,
+                "probability": _finite(result.probabilities[index, cls]) if cls >= 0 else None,
+                "overlay": f"{name}.png",
+            })
+        record = {"file": item.path, "input": item.key, "target": targets[0]["target"],
+                  "label": targets[0]["label"], "probability": targets[0]["probability"],
+                  "targets": targets, "layer": result.layer, "method": s.method,
+                  "provider": result.provider, "seconds": round(done.seconds, 4)}
+        if done.importance is not None:
+            grid, record["channels"] = _channels(done.importance, index, done.decoded.picture, item.name)
+            files[record["channels"]["grid"]] = grid
+        record["files"] = list(files)
+        return files, record
+
+
+def failure(item: Item, method: str, exc: BaseException) -> dict:
+    """The results record of an image that could not be explained: its error in one line."""
+    lines = str(exc).strip().splitlines()
+    message = lines[0] if lines else type(exc).__name__
+    if not isinstance(exc, OnnxcamError):
+        message = f"{type(exc).__name__}: {message}"
+    return {"file": item.path, "input": item.key, "method": method, "error": message}
+
+
+def _channels(importance: ChannelImportance, index: int, picture: np.ndarray, name: str) -> tuple[bytes, dict]:
+    """The K most and least important channels of one image (first target): a grid image
+    (top row: most important, bottom row: least; tiles drawn at tile size) and its record."""
+    import cv2
+    pick = (lambda a: a[index] if a.ndim in (2, 4) else a[index, 0])
+    tile = cv2.resize(picture, (GRID_TILE, GRID_TILE), interpolation=cv2.INTER_AREA)
+    rows = [np.concatenate([overlay(tile, m) for m in pick(maps)], axis=1)
+            for maps in (importance.most_maps, importance.least_maps)]
+    grid = f"{name}.{importance.method}.channels.png"
+    return encode_png(np.concatenate(rows, axis=0)), {
+        "layer": importance.layer, "grid": grid,
+        "most": [int(c) for c in pick(importance.most)],
+        "most_weights": [_finite(w) for w in pick(importance.most_weights)],
+        "least": [int(c) for c in pick(importance.least)],
+        "least_weights": [_finite(w) for w in pick(importance.least_weights)]}
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON-safe number: NaN and infinities (non-finite logits) become null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    np.save(buffer, array.astype(np.float32))
+    return buffer.getvalue()
+
+
+# -- the output folder and its journal ----------------------------------------------------------
+def check_outdir(outdir: str | os.PathLike) -> None:
+    """onnxcam's one-line error unless ``outdir`` is a folder that can be written, or can be
+    created in one (a probe file is written and removed); creates nothing."""
+    outdir = Path(outdir)
+    existing = next(p for p in (outdir, *outdir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "exists" if existing == outdir else f"lies under {existing}, which exists"
+        raise OnnxcamError(f"{outdir}: {where} and is not a folder; give -o a folder (new or existing)")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".onnxcam-probe."):
+            pass
+    except OSError as exc:
+        raise OnnxcamError(f"cannot write to the output folder {outdir}: {exc.strerror or exc}") from None
+
+
+def prepare_outdir(outdir: str | os.PathLike) -> Path:
+    """The output folder, checked (:func:`check_outdir`) and created."""
+    check_outdir(outdir)
+    outdir = Path(outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OnnxcamError(f"cannot create the output folder {outdir}: {exc.strerror or exc}") from None
+    return outdir
+
+
+class Journal:
+    """``results.jsonl``: one JSON record per image and line, appended and flushed once the
+    image's files are written, so after any interruption it lists exactly what is complete.
+    A torn last line (power loss during the append) is cut off when the journal is opened.
+    Records are keyed by (input, method); the last one counts."""
+
+    def __init__(self, outdir: str | os.PathLike):
+        self.outdir = Path(outdir)
+        self.path = self.outdir / JOURNAL
+        self.records: dict[tuple[str, str], dict] = {}
+        self._stream = None
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                data = data[:data.rfind(b"\n") + 1]
+                with open(self.path, "r+b") as stream:
+                    stream.truncate(len(data))
+            for line in data.splitlines():
+                try:
+                    record = json.loads(line)
+                    self.records[(record["input"], record["method"])] = record
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line written by something else: ignored, never fatal
+
+    def done(self, item: Item, method: str) -> bool:
+        """Explained before, and every file its record names is still there."""
+        record = self.records.get((item.key, method))
+        return (record is not None and "error" not in record
+                and all((self.outdir / name).is_file() for name in record.get("files", ())))
+
+    def forget(self, items: Iterable[Item], method: str) -> None:
+        """Drop the records of ``items`` (``--overwrite``): the file is rewritten atomically."""
+        gone = {(item.key, method) for item in items}
+        if not gone & self.records.keys():
+            return
+        self.records = {k: r for k, r in self.records.items() if k not in gone}
+        atomic_write_bytes(self.path, b"".join(_line(r) for r in self.records.values()))
+
+    def append(self, record: dict) -> None:
+        if self._stream is None:
+            self._stream = open(self.path, "ab")
+        self._stream.write(_line(record))
+        self._stream.flush()
+        self.records[(record["input"], record["method"])] = record
+
+    def sync(self) -> None:
+        """Flushed to the disk (once per batch: an fsync per image would cost more than a map)."""
+        if self._stream is not None:
+            os.fsync(self._stream.fileno())
+
+    def close(self) -> None:
+        """Synced, closed, and ``results.json`` (every record, as one JSON list) rewritten."""
+        if self._stream is not None:
+            self.sync()
+            self._stream.close()
+            self._stream = None
+        if self.records:
+            atomic_write_bytes(self.outdir / SUMMARY, json.dumps(list(self.records.values()), indent=1).encode())
+
+
+def _line(record: dict) -> bytes:
+    return (json.dumps(record, allow_nan=False) + "\n").encode()
+
+
+# -- running ------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """What a run did. ``exit_code``: 0 all explained, 1 some images failed, 130 interrupted."""
+
+    outdir: str
+    total: int = 0
+    explained: int = 0
+    skipped: int = 0  # done by an earlier run
+    ignored: int = 0  # files in folders that are not images
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (file, error)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.interrupted else 1 if self.failed else 0
+
+    def lines(self) -> list[str]:
+        rate = self.explained / self.seconds if self.seconds > 0 else 0.0
+        parts = [f"explained {self.explained} of {self.total} images in {self.seconds:.1f} s ({rate:.1f} images/s)"]
+        if self.skipped:
+            parts.append(f"{self.skipped} already done")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        if self.ignored:
+            parts.append(f"{self.ignored} non-image files skipped")
+        lines = [", ".join(parts) + f"; results in {self.outdir}"]
+        lines += [f"failed: {file}: {error}" for file, error in self.failed]
+        if self.interrupted:
+            lines.append("interrupted: run the same command again to continue")
+        return lines
+
+
+def plan(journal: Journal, items: Sequence[Item], method: str, overwrite: bool) -> tuple[list[Item], int]:
+    """The items still to explain, and how many are skipped as done."""
+    if overwrite:
+        journal.forget(items, method)
+        return list(items), 0
+    todo = [item for item in items if not journal.done(item, method)]
+    return todo, len(items) - len(todo)
+
+
+@contextmanager
+def progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (images/s, ETA) on stderr when ``enabled`` and it is a terminal;
+    yields ``advance(n)``."""
+    from rich.console import Console
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal or total == 0:
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    columns = (TextColumn("explaining"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    started = time.perf_counter()
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("explain", total=total, rate="")
+        count = 0
+
+        def advance(n: int) -> None:
+            nonlocal count
+            count += n
+            elapsed = time.perf_counter() - started
+            bar.update(task, advance=n, rate=f"{count / elapsed:.1f} images/s" if elapsed > 0 else "")
+        yield advance
+
+
+def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_size: int,
+              on_record: Callable[[dict], None] | None = None, advance: Callable[[int], None] | None = None,
+              decode_threads: int = 2, write_threads: int = 2) -> Summary:
+    """Explain ``items`` (those still to do) batch by batch, decode and writes overlapped
+    with the model; every finished image is appended to ``journal``. Ctrl-C stops after the
+    writes under way: no partial file, and the journal lists exactly the finished images."""
+    summary = Summary(str(journal.outdir), total=len(items))
+    method = worker.settings.method
+    batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    decoding = ThreadPoolExecutor(decode_threads, thread_name_prefix="onnxcam-decode")
+    writing_pool = ThreadPoolExecutor(write_threads, thread_name_prefix="onnxcam-write")
+    ahead: deque[list[Future]] = deque()
+    writing: deque[Future] = deque()
+    started = time.perf_counter()
+
+    def record(outcome: dict) -> None:
+        journal.append(outcome)
+        if "error" in outcome:
+            summary.failed.append((outcome["file"], outcome["error"]))
+        else:
+            summary.explained += 1
+        if on_record:
+            on_record(outcome)
+        if advance:
+            advance(1)
+
+    def settle(limit: int) -> None:
+        while writing and (len(writing) > limit or writing[0].done()):
+            record(writing.popleft().result())
+
+    try:
+        submitted = 0
+        for batch in batches:
+            while submitted < len(batches) and len(ahead) < 2:
+                ahead.append([decoding.submit(worker.decode, item) for item in batches[submitted]])
+                submitted += 1
+            decoded = []
+            for item, future in zip(batch, ahead.popleft()):
+                try:
+                    decoded.append(future.result())
+                except Exception as exc:  # noqa: BLE001 - an unreadable image is recorded, the run goes on
+                    record(failure(item, method, exc))
+            for outcome in worker.explain(decoded):
+                if isinstance(outcome, dict):
+                    record(outcome)
+                else:
+                    writing.append(writing_pool.submit(worker.write, outcome))
+            settle(2 * batch_size)
+            journal.sync()
+        settle(0)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        for futures in ahead:
+            for future in futures:
+                future.cancel()
+        for future in writing:
+            future.cancel()
+        for future in writing:  # the writes under way finish (atomically) and are recorded
+            if not future.cancelled():
+                record(future.result())
+    finally:
+        decoding.shutdown(wait=True, cancel_futures=True)
+        writing_pool.shutdown(wait=True, cancel_futures=True)
+        summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def explain_folder(worker: Worker, inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike, *,
+                   pattern: str | None = None, batch_size: int = 16, overwrite: bool = False,
+                   progress: bool = True, on_record: Callable[[dict], None] | None = None,
+                   ray: str | None = None, ray_workers: int = 2, ray_gpus: float = 0.0) -> Summary:
+    """The whole run: find the images, check the model (one blank image) and the output
+    folder before any image is read, then explain what is not done yet, locally or on Ray
+    (``ray``: a cluster address, or "local"); results.json is rewritten at the end."""
+    found = find_images(inputs, pattern, exclude=outdir)
+    if not found.items and not found.ignored:
+        raise OnnxcamError("no images given")
+    check_outdir(outdir)
+    worker.check()
+    journal = Journal(prepare_outdir(outdir))
+    todo, skipped = plan(journal, found.items, worker.settings.method, overwrite)
+    try:
+        with progress_bar(len(todo), progress) as advance:
+            if ray is not None:
+                from .distributed import run_ray
+                summary = run_ray(worker, todo, journal, batch_size, address=ray, workers=ray_workers,
+                                  gpus=ray_gpus, on_record=on_record, advance=advance)
+            else:
+                summary = run_local(worker, todo, journal, batch_size, on_record=on_record, advance=advance)
+    finally:
+        journal.close()
+    summary.total, summary.skipped, summary.ignored = len(found.items), skipped, len(found.ignored)
+    return summary
