@@ -206,11 +206,25 @@ class Worker:
         x = self.preprocess([np.zeros((8, 8, 3), np.float32)])
         self._run(x)
 
-    def decode(self, item: Item) -> Decoded:
-        picture = load_image(item.path)
-        x = self.preprocess([picture])[0]
+    def decode(self, item: Item) -> Decoded | dict:
+        """The image read and preprocessed, or its failure record (see :func:`failure`)."""
+        try:
+            picture = load_image(item.path)
+            x = self.preprocess([picture])[0]
+        except Exception as exc:  # noqa: BLE001 - an unreadable image is recorded, the run goes on
+            return failure(item, self.settings.method, exc)
         size = picture.shape[:2]
         return Decoded(item, x, to_uint8(bounded(picture, self.settings.overlay_size)), size)
+
+    def process(self, items: Sequence[Item], pool: ThreadPoolExecutor | None = None) -> list[dict]:
+        """One batch from files to records, decoding and writing in ``pool`` (a Ray actor's
+        whole job per batch; the local pipeline overlaps these steps across batches instead)."""
+        mapper = pool.map if pool is not None else map
+        decoded = list(mapper(self.decode, items))
+        records = [d for d in decoded if isinstance(d, dict)]
+        outcomes = self.explain([d for d in decoded if not isinstance(d, dict)])
+        records += [o for o in outcomes if isinstance(o, dict)]
+        return records + list(mapper(self.write, [o for o in outcomes if not isinstance(o, dict)]))
 
     def explain(self, batch: list[Decoded]) -> list[Explained | dict]:
         """The batch explained in one call; when that fails, image by image, so one bad image
@@ -477,21 +491,9 @@ def progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
         yield advance
 
 
-def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_size: int,
-              on_record: Callable[[dict], None] | None = None, advance: Callable[[int], None] | None = None,
-              decode_threads: int = 2, write_threads: int = 2) -> Summary:
-    """Explain ``items`` (those still to do) batch by batch, decode and writes overlapped
-    with the model; every finished image is appended to ``journal``. Ctrl-C stops after the
-    writes under way: no partial file, and the journal lists exactly the finished images."""
-    summary = Summary(str(journal.outdir), total=len(items))
-    method = worker.settings.method
-    batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
-    decoding = ThreadPoolExecutor(decode_threads, thread_name_prefix="onnxcam-decode")
-    writing_pool = ThreadPoolExecutor(write_threads, thread_name_prefix="onnxcam-write")
-    ahead: deque[list[Future]] = deque()
-    writing: deque[Future] = deque()
-    started = time.perf_counter()
-
+def recorder(journal: Journal, summary: Summary, on_record: Callable[[dict], None] | None,
+             advance: Callable[[int], None] | None) -> Callable[[dict], None]:
+    """What happens to each finished image's record: journal, summary, caller, progress."""
     def record(outcome: dict) -> None:
         journal.append(outcome)
         if "error" in outcome:
@@ -502,6 +504,24 @@ def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_siz
             on_record(outcome)
         if advance:
             advance(1)
+    return record
+
+
+def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_size: int,
+              on_record: Callable[[dict], None] | None = None, advance: Callable[[int], None] | None = None,
+              decode_threads: int = 2, write_threads: int = 2) -> Summary:
+    """Explain ``items`` (those still to do) batch by batch, decode and writes overlapped
+    with the model; every finished image is appended to ``journal``. Ctrl-C stops after the
+    writes under way: no partial file, and the journal lists exactly the finished images."""
+    summary = Summary(str(journal.outdir), total=len(items))
+    batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    decoding = ThreadPoolExecutor(decode_threads, thread_name_prefix="onnxcam-decode")
+    writing_pool = ThreadPoolExecutor(write_threads, thread_name_prefix="onnxcam-write")
+    ahead: deque[list[Future]] = deque()
+    writing: deque[Future] = deque()
+    started = time.perf_counter()
+
+    record = recorder(journal, summary, on_record, advance)
 
     def settle(limit: int) -> None:
         while writing and (len(writing) > limit or writing[0].done()):
@@ -514,11 +534,12 @@ def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_siz
                 ahead.append([decoding.submit(worker.decode, item) for item in batches[submitted]])
                 submitted += 1
             decoded = []
-            for item, future in zip(batch, ahead.popleft()):
-                try:
-                    decoded.append(future.result())
-                except Exception as exc:  # noqa: BLE001 - an unreadable image is recorded, the run goes on
-                    record(failure(item, method, exc))
+            for future in ahead.popleft():
+                outcome = future.result()
+                if isinstance(outcome, dict):
+                    record(outcome)
+                else:
+                    decoded.append(outcome)
             for outcome in worker.explain(decoded):
                 if isinstance(outcome, dict):
                     record(outcome)
