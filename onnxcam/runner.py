@@ -40,7 +40,7 @@ import numpy as np
 
 from .errors import OnnxcamError
 from .explainer import ChannelImportance, Explainer, Explanation
-from .files import atomic_write_bytes
+from .files import atomic_write, atomic_write_bytes
 from .images import Preprocess, load_image
 from .visualize import bounded, encode_png, overlay, resize_map, to_uint8
 
@@ -362,46 +362,62 @@ class Journal:
     """``results.jsonl``: one JSON record per image and line, appended and flushed once the
     image's files are written, so after any interruption it lists exactly what is complete.
     A torn last line (power loss during the append) is cut off when the journal is opened.
-    Records are keyed by (input, method); the last one counts."""
+    Records are keyed by (input, method); the last one counts. Only each key's line number
+    and files are kept in memory (a few hundred bytes per image): ``results.json`` is written
+    by streaming the file."""
 
     def __init__(self, outdir: str | os.PathLike):
         self.outdir = Path(outdir)
         self.path = self.outdir / JOURNAL
-        self.records: dict[tuple[str, str], dict] = {}
+        self.entries: dict[tuple[str, str], tuple[int, tuple[str, ...] | None]] = {}
+        self._count = 0
         self._stream = None
         if self.path.exists():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                data = data[:data.rfind(b"\n") + 1]
-                with open(self.path, "r+b") as stream:
-                    stream.truncate(len(data))
-            for line in data.splitlines():
+            _cut_torn_line(self.path)
+            for record in self.read():
+                self._note(record)
+
+    def read(self) -> Iterator[dict]:
+        """The file's records in order (lines that are not onnxcam records are skipped)."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as stream:
+            for line in stream:
                 try:
                     record = json.loads(line)
-                    self.records[(record["input"], record["method"])] = record
-                except (ValueError, KeyError, TypeError):
+                    if isinstance(record, dict) and isinstance(record.get("input"), str) and "method" in record:
+                        yield record
+                except ValueError:
                     continue  # a line written by something else: ignored, never fatal
+
+    def _note(self, record: dict) -> None:
+        files = None if "error" in record else tuple(record.get("files", ()))
+        self.entries[(record["input"], record["method"])] = (self._count, files)
+        self._count += 1
 
     def done(self, item: Item, method: str) -> bool:
         """Explained before, and every file its record names is still there."""
-        record = self.records.get((item.key, method))
-        return (record is not None and "error" not in record
-                and all((self.outdir / name).is_file() for name in record.get("files", ())))
+        entry = self.entries.get((item.key, method))
+        return (entry is not None and entry[1] is not None
+                and all((self.outdir / name).is_file() for name in entry[1]))
 
     def forget(self, items: Iterable[Item], method: str) -> None:
         """Drop the records of ``items`` (``--overwrite``): the file is rewritten atomically."""
         gone = {(item.key, method) for item in items}
-        if not gone & self.records.keys():
+        if not gone & self.entries.keys():
             return
-        self.records = {k: r for k, r in self.records.items() if k not in gone}
-        atomic_write_bytes(self.path, b"".join(_line(r) for r in self.records.values()))
+        kept = [r for r in self.read() if (r["input"], r["method"]) not in gone]
+        atomic_write_bytes(self.path, b"".join(_line(r) for r in kept))
+        self.entries, self._count = {}, 0
+        for record in kept:
+            self._note(record)
 
     def append(self, record: dict) -> None:
         if self._stream is None:
             self._stream = open(self.path, "ab")
         self._stream.write(_line(record))
         self._stream.flush()
-        self.records[(record["input"], record["method"])] = record
+        self._note(record)
 
     def sync(self) -> None:
         """Flushed to the disk (once per batch: an fsync per image would cost more than a map)."""
@@ -409,13 +425,44 @@ class Journal:
             os.fsync(self._stream.fileno())
 
     def close(self) -> None:
-        """Synced, closed, and ``results.json`` (every record, as one JSON list) rewritten."""
+        """Synced, closed, and ``results.json`` (the last record of every image, one JSON
+        list) rewritten from the file."""
         if self._stream is not None:
             self.sync()
             self._stream.close()
             self._stream = None
-        if self.records:
-            atomic_write_bytes(self.outdir / SUMMARY, json.dumps(list(self.records.values()), indent=1).encode())
+        if not self.entries:
+            return
+        last = {index for index, _ in self.entries.values()}
+
+        def write(stream) -> None:
+            separator = b"[\n"
+            for index, record in enumerate(self.read()):
+                if index in last:
+                    stream.write(separator + json.dumps(record, allow_nan=False).encode())
+                    separator = b",\n"
+            stream.write(b"\n]\n")
+        atomic_write(self.outdir / SUMMARY, write)
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Truncate ``path`` after its last newline (reading backwards, never the whole file)."""
+    with open(path, "r+b") as stream:
+        position = stream.seek(0, os.SEEK_END)
+        if position == 0:
+            return
+        stream.seek(position - 1)
+        if stream.read(1) == b"\n":
+            return
+        while position > 0:
+            step = min(1 << 16, position)
+            position -= step
+            stream.seek(position)
+            cut = stream.read(step).rfind(b"\n")
+            if cut >= 0:
+                stream.truncate(position + cut + 1)
+                return
+        stream.truncate(0)
 
 
 def _line(record: dict) -> bytes:

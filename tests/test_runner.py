@@ -111,6 +111,7 @@ def test_resume_skips_done_redoes_missing_and_overwrite(tiny, tmp_path):
     code, output = run("explain", tiny, folder, "-o", out)
     assert code == 0 and "explained 1 of 5" in output and "4 already done" in output, output
     assert (out / "3.gradcam.png").is_file()
+    assert len(journal(out)) == 6 and len(json.loads((out / "results.json").read_text())) == 5  # last wins
     code, output = run("explain", tiny, folder, "-o", out, "-m", "gradcam++")  # another method: not done
     assert code == 0 and "explained 5 of 5" in output, output
     code, output = run("explain", tiny, folder, "-o", out, "--overwrite")
@@ -205,7 +206,7 @@ def test_torn_journal_line_is_cut_and_foreign_lines_ignored(tmp_path):
     good = {"file": "a.png", "input": "a.png", "method": "gradcam", "files": []}
     (tmp_path / JOURNAL).write_bytes((json.dumps(good) + "\nnot json\n{\"file\": \"b.png\", \"inp").encode())
     loaded = Journal(tmp_path)
-    assert list(loaded.records) == [("a.png", "gradcam")]
+    assert list(loaded.entries) == [("a.png", "gradcam")]
     assert (tmp_path / JOURNAL).read_bytes().endswith(b"not json\n")
 
 
