@@ -112,9 +112,10 @@ def run_ray(worker: Worker, items: Sequence[Item], journal: Journal, batch_size:
     ``gpus`` GPUs each; onnxruntime threads = 1 per actor unless the explainer sets them)."""
     import time
     connect(address)
+    import logging
     import ray
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False  # onnxcam shows its own
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     summary = Summary(str(journal.outdir), total=len(items))
     record = recorder(journal, summary, on_record, advance)
     if not items:
@@ -152,13 +153,15 @@ def explain_dataset(paths: Sequence[str | os.PathLike] | str | os.PathLike, mode
                     overlay_size: int | None = None, batch_size: int = 16, pattern: str | None = None,
                     overwrite: bool = False, provider: str = "auto", threads: int = 1,
                     address: str | None = None, workers: int = 2, gpus_per_worker: float = 0.0,
-                    progress: bool = False, **options: Any) -> Summary:
+                    progress: bool = False, on_record: Callable[[dict], None] | None = None,
+                    **options: Any) -> Summary:
     """Explain image files, folders or glob patterns on Ray; outputs as ``onnxcam explain``.
 
     ``address``: None/"local" (a local cluster, or ``RAY_ADDRESS`` when set), "auto", or
     "ray://head:10001"; ``workers`` actors with ``gpus_per_worker`` GPUs each (give
     ``provider="cuda"`` with GPUs); ``threads``: onnxruntime threads per actor. ``options``
-    go to :meth:`Explainer.explain` (topk, eigen_smooth, samples, ...). Returns the run's
+    go to :meth:`Explainer.explain` (topk, eigen_smooth, samples, ...); ``on_record`` is
+    called with each image's record as it is journaled. Returns the run's
     :class:`onnxcam.runner.Summary`; failing images are in ``summary.failed``."""
     explainer = Explainer(model, layer=layer, provider=provider, output=output, batch_size=batch_size,
                           input_size=input_size, threads=threads)
@@ -167,5 +170,5 @@ def explain_dataset(paths: Sequence[str | os.PathLike] | str | os.PathLike, mode
     settings = Settings(method, targets, dict(options), known, npy, channels, overlay_size)
     inputs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     return explain_folder(Worker(explainer, preprocess, settings, outdir), inputs, outdir, pattern=pattern,
-                          batch_size=batch_size, overwrite=overwrite, progress=progress,
+                          batch_size=batch_size, overwrite=overwrite, progress=progress, on_record=on_record,
                           ray=address or "local", ray_workers=workers, ray_gpus=gpus_per_worker)

@@ -244,3 +244,32 @@ def test_sigint_leaves_a_consistent_folder_and_the_rerun_continues(tiny, tmp_pat
     assert f"explained {count - len(records)} of {count}" in done.stdout
     assert f"{len(records)} already done" in done.stdout
     assert len(journal(out)) == count and len({r["input"] for r in journal(out)}) == count
+
+
+def test_overlay_size_quiet_and_progress_on_a_terminal(tiny, tmp_path):
+    photo = image(tmp_path / "photo.png", size=(40, 60))
+    code, output = run("explain", tiny, photo, "-o", tmp_path / "q", "--overlay-size", 30, "--npy", "-q")
+    assert code == 0 and output.splitlines()[0].startswith("explained 1 of 1"), output  # no line per image
+    assert cv2.imread(str(tmp_path / "q" / "photo.gradcam.png")).shape == (20, 30, 3)
+    assert np.load(tmp_path / "q" / "photo.gradcam.npy").shape == (40, 60)  # maps stay at full size
+    code, output = run("explain", tiny, photo, "-o", tmp_path / "b", "--overlay-size", 8)
+    assert code == 2 and "--overlay-size" in output
+    # a terminal gets the progress bar (images/s, ETA); a pipe (above) does not
+    import pty
+    leader, follower = pty.openpty()
+    done = subprocess.run([sys.executable, "-m", "onnxcam.cli", "explain", str(tiny), str(photo), str(photo.parent),
+                           "-o", str(tmp_path / "t"), "--provider", "cpu"], stdin=follower, stdout=follower,
+                          stderr=follower, env=dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="120"), timeout=300)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert done.returncode == 0, shown
+    assert b"images/s" in shown and b"ETA" in shown and b"explaining" in shown, shown
