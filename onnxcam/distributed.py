@@ -107,7 +107,8 @@ def connect(address: str | None) -> None:
 def run_ray(worker: Worker, items: Sequence[Item], journal: Journal, batch_size: int, *,
             address: str | None = None, workers: int = 2, gpus: float = 0.0,
             on_record: Callable[[dict], None] | None = None,
-            advance: Callable[[int], None] | None = None) -> Summary:
+            advance: Callable[[int], None] | None = None,
+            stopping: Callable[[], bool] = lambda: False) -> Summary:
     """:func:`onnxcam.runner.run_local`'s counterpart on Ray: ``workers`` actors (1 CPU and
     ``gpus`` GPUs each; onnxruntime threads = 1 per actor unless the explainer sets them)."""
     import time
@@ -139,6 +140,9 @@ def run_ray(worker: Worker, items: Sequence[Item], journal: Journal, batch_size:
                 outcome["file"] = given.get(outcome["input"], outcome["file"])
                 record(outcome)
             journal.sync()
+            if stopping():  # batches the actors are writing now are redone by the next run
+                summary.interrupted = True
+                break
     except KeyboardInterrupt:
         summary.interrupted = True
     summary.seconds = time.perf_counter() - started

@@ -25,7 +25,9 @@ import json
 import math
 import os
 import posixpath
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -554,12 +556,37 @@ def recorder(journal: Journal, summary: Summary, on_record: Callable[[dict], Non
     return record
 
 
+@contextmanager
+def interruptible() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C (SIGINT) asks the run to stop after the batch under way, whose files and records
+    are completed; a second Ctrl-C interrupts at once. Yields ``stopping()``. (Python's
+    KeyboardInterrupt could land between a finished write and its record, or inside the
+    record's append.) Off the main thread, where handlers cannot be set, Ctrl-C is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    asked: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_size: int,
               on_record: Callable[[dict], None] | None = None, advance: Callable[[int], None] | None = None,
-              decode_threads: int = 2, write_threads: int = 2) -> Summary:
+              stopping: Callable[[], bool] = lambda: False, decode_threads: int = 2,
+              write_threads: int = 2) -> Summary:
     """Explain ``items`` (those still to do) batch by batch, decode and writes overlapped
-    with the model; every finished image is appended to ``journal``. Ctrl-C stops after the
-    writes under way: no partial file, and the journal lists exactly the finished images."""
+    with the model; every finished image is appended to ``journal``. When ``stopping()``
+    turns true (Ctrl-C, see :func:`interruptible`) the run stops after the batch under way
+    and its writes: no partial file, and the journal lists exactly the finished images."""
     summary = Summary(str(journal.outdir), total=len(items))
     batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
     decoding = ThreadPoolExecutor(decode_threads, thread_name_prefix="onnxcam-decode")
@@ -567,7 +594,6 @@ def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_siz
     ahead: deque[list[Future]] = deque()
     writing: deque[Future] = deque()
     started = time.perf_counter()
-
     record = recorder(journal, summary, on_record, advance)
 
     def settle(limit: int) -> None:
@@ -577,6 +603,9 @@ def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_siz
     try:
         submitted = 0
         for batch in batches:
+            if stopping():
+                summary.interrupted = True
+                break
             while submitted < len(batches) and len(ahead) < 2:
                 ahead.append([decoding.submit(worker.decode, item) for item in batches[submitted]])
                 submitted += 1
@@ -594,17 +623,12 @@ def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_siz
                     writing.append(writing_pool.submit(worker.write, outcome))
             settle(2 * batch_size)
             journal.sync()
-        settle(0)
-    except KeyboardInterrupt:
-        summary.interrupted = True
         for futures in ahead:
             for future in futures:
                 future.cancel()
-        for future in writing:
-            future.cancel()
-        for future in writing:  # the writes under way finish (atomically) and are recorded
-            if not future.cancelled():
-                record(future.result())
+        settle(0)  # the writes under way finish (atomically) and are recorded
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; files stay whole, some may lack records
+        summary.interrupted = True
     finally:
         decoding.shutdown(wait=True, cancel_futures=True)
         writing_pool.shutdown(wait=True, cancel_futures=True)
@@ -627,13 +651,14 @@ def explain_folder(worker: Worker, inputs: Sequence[str | os.PathLike], outdir: 
     journal = Journal(prepare_outdir(outdir))
     todo, skipped = plan(journal, found.items, worker.settings.method, overwrite)
     try:
-        with progress_bar(len(todo), progress) as advance:
+        with interruptible() as stopping, progress_bar(len(todo), progress) as advance:
             if ray is not None:
                 from .distributed import run_ray
                 summary = run_ray(worker, todo, journal, batch_size, address=ray, workers=ray_workers,
-                                  gpus=ray_gpus, on_record=on_record, advance=advance)
+                                  gpus=ray_gpus, on_record=on_record, advance=advance, stopping=stopping)
             else:
-                summary = run_local(worker, todo, journal, batch_size, on_record=on_record, advance=advance)
+                summary = run_local(worker, todo, journal, batch_size, on_record=on_record, advance=advance,
+                                    stopping=stopping)
     finally:
         journal.close()
     summary.total, summary.skipped, summary.ignored = len(found.items), skipped, len(found.ignored)
