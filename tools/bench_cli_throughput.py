@@ -44,8 +44,8 @@ SHARED = REPO.parent / "shared"
 DEFAULT_MODEL = SHARED / "models" / "mobilenet" / "mobilenet_v2_1.0_224.onnx"
 
 
-def make_photos(folder: Path, count: int) -> list[Path]:
-    """``count`` JPEGs, long side cycling over 400..1200 px, from the shared photos."""
+def make_photos(folder: Path, count: int, side: int | None = None) -> list[Path]:
+    """``count`` JPEGs from the shared photos, long side ``side`` or cycling over 400..1200 px."""
     sources = sorted(p for d in ("photos", "annotated") for p in (SHARED / "data" / d).iterdir()
                      if p.suffix.lower() in (".jpg", ".png", ".bmp") and "segmentation" not in p.name)
     pictures = [cv2.imread(str(p)) for p in sources]
@@ -53,8 +53,7 @@ def make_photos(folder: Path, count: int) -> list[Path]:
     paths = []
     for i in range(count):
         picture = pictures[i % len(pictures)]
-        side = 400 + (i * 97) % 801
-        factor = side / max(picture.shape[:2])
+        factor = (side or 400 + (i * 97) % 801) / max(picture.shape[:2])
         resized = cv2.resize(picture, None, fx=factor, fy=factor,
                              interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_CUBIC)
         path = folder / f"{i:04d}.jpg"
@@ -81,16 +80,22 @@ def baseline(model: str, paths: list[Path], batch: int) -> float:
     return time.perf_counter() - started
 
 
-def cli(model: str, folder: Path, out: Path, batch: int, extra: list[str]) -> tuple[float, float]:
-    """(wall seconds of the whole process, the run's own seconds) for one CLI run."""
-    command = [sys.executable, "-m", "onnxcam.cli", "explain", model, str(folder), "-o", str(out), "-q",
-               "--preset", "inception", "--provider", "cpu", "--batch-size", str(batch), *extra]
+def run_cli(arguments: list[str], prefix: tuple[str, ...] = ()) -> tuple[float, float, str]:
+    """(wall seconds of the whole process, the run's own seconds, its stdout) of
+    ``[*prefix] python -m onnxcam.cli explain *arguments -q``."""
+    command = [*prefix, sys.executable, "-m", "onnxcam.cli", "explain", *arguments, "-q"]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"the CLI failed: {done.stderr}")
-    inner = float(re.search(r"images in ([0-9.]+) s", done.stdout).group(1))
+    return wall, float(re.search(r"images in ([0-9.]+) s", done.stdout).group(1)), done.stdout
+
+
+def cli(model: str, folder: Path, out: Path, batch: int, extra: list[str]) -> tuple[float, float]:
+    """(wall seconds of the whole process, the run's own seconds) for one CLI run."""
+    wall, inner, _ = run_cli([model, str(folder), "-o", str(out), "--preset", "inception", "--provider", "cpu",
+                              "--batch-size", str(batch), *extra])
     return wall, inner
 
 

@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -33,19 +31,11 @@ from onnxcam import Explainer  # noqa: E402
 from onnxcam.distributed import explain_dataset  # noqa: E402
 from onnxcam.runner import Settings, Worker, explain_folder  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cli_throughput import make_photos  # noqa: E402
+
 SHARED = REPO.parent / "shared"
 DEFAULT_MODEL = SHARED / "models" / "mobilenet" / "mobilenet_v2_1.0_224.onnx"
-
-
-def make_photos(folder: Path, count: int) -> None:
-    sources = sorted(p for d in ("photos", "annotated") for p in (SHARED / "data" / d).iterdir()
-                     if p.suffix.lower() in (".jpg", ".png", ".bmp") and "segmentation" not in p.name)
-    pictures = [p for p in (cv2.imread(str(s)) for s in sources) if p is not None]
-    for i in range(count):
-        picture = pictures[i % len(pictures)]
-        factor = 512 / max(picture.shape[:2])
-        cv2.imwrite(str(folder / f"{i:04d}.jpg"), cv2.resize(picture, None, fx=factor, fy=factor,
-                                                             interpolation=cv2.INTER_AREA))
 
 
 def local(model: str, folder: Path, out: Path, batch: int, threads: int) -> float:
@@ -67,9 +57,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
         (root / "photos").mkdir()
-        make_photos(root / "photos", args.count)
+        make_photos(root / "photos", args.count, side=512)
         (root / "warm").mkdir()
-        make_photos(root / "warm", args.batch_size * args.workers)
+        make_photos(root / "warm", args.batch_size * args.workers, side=512)
         local(args.model, root / "warm", root / "warm-out", args.batch_size, 0)  # rewrite cached
         rows = [("local process, default threads", local(args.model, root / "photos", root / "l0", args.batch_size, 0)),
                 ("local process, 1 thread", local(args.model, root / "photos", root / "l1", args.batch_size, 1))]

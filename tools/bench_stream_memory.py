@@ -17,16 +17,16 @@ import argparse
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cli_throughput import REPO, run_cli  # noqa: E402
+
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "mobilenet" / "mobilenet_v1_0.25_128.onnx"
 
 WRAPPER = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
@@ -45,15 +45,10 @@ def make_images(folder: Path, count: int, size: int) -> None:
 
 def peak(model: str, folder: Path, out: Path, batch: int) -> tuple[float, float, str]:
     """(peak RSS in MiB, seconds, the CLI's summary line) of one run."""
-    command = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "onnxcam.cli", "explain", model, str(folder),
-               "-o", str(out), "-q", "--provider", "cpu", "--batch-size", str(batch)]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"the CLI failed: {done.stderr}")
-    kib = int(re.search(r"PEAK_KB (\d+)", done.stdout).group(1))
-    return kib / 1024, seconds, done.stdout.splitlines()[0]
+    seconds, _, stdout = run_cli([model, str(folder), "-o", str(out), "--provider", "cpu",
+                                  "--batch-size", str(batch)], prefix=(sys.executable, "-c", WRAPPER))
+    kib = int(re.search(r"PEAK_KB (\d+)", stdout).group(1))
+    return kib / 1024, seconds, stdout.splitlines()[0]
 
 
 def main() -> None:
