@@ -56,7 +56,7 @@ GRID_TILE = 128  # side of one tile of the --channels grid
 
 
 # -- which images, under which names ----------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One input image: ``path`` as found, ``key`` its path relative to the inputs' common
     folder (what results.jsonl records), ``name`` its outputs' base name under the output folder."""
@@ -123,7 +123,7 @@ def _walk(folder: str, skip: str | None) -> Iterator[str]:
 def _glob_root(pattern: str) -> str:
     """The folder of a glob pattern before its first wildcard component."""
     parts = Path(pattern).parts
-    fixed = [p for p in parts[:next(i for i, p in enumerate(parts) if globbing.has_magic(p))]]
+    fixed = parts[:next(i for i, p in enumerate(parts) if globbing.has_magic(p))]
     return os.path.join(*fixed) if fixed else "."
 
 
@@ -371,7 +371,7 @@ class Journal:
     def __init__(self, outdir: str | os.PathLike):
         self.outdir = Path(outdir)
         self.path = self.outdir / JOURNAL
-        self.entries: dict[tuple[str, str], tuple[int, tuple[str, ...] | None]] = {}
+        self.entries: dict[tuple[str, str], tuple[int, str | None]] = {}  # -> (line, files joined by \n)
         self._count = 0
         self._stream = None
         if self.path.exists():
@@ -393,7 +393,7 @@ class Journal:
                     continue  # a line written by something else: ignored, never fatal
 
     def _note(self, record: dict) -> None:
-        files = None if "error" in record else tuple(record.get("files", ()))
+        files = None if "error" in record else "\n".join(record.get("files", ()))
         self.entries[(record["input"], record["method"])] = (self._count, files)
         self._count += 1
 
@@ -401,7 +401,7 @@ class Journal:
         """Explained before, and every file its record names is still there."""
         entry = self.entries.get((item.key, method))
         return (entry is not None and entry[1] is not None
-                and all((self.outdir / name).is_file() for name in entry[1]))
+                and all((self.outdir / name).is_file() for name in entry[1].split("\n") if name))
 
     def forget(self, items: Iterable[Item], method: str) -> None:
         """Drop the records of ``items`` (``--overwrite``): the file is rewritten atomically."""
@@ -644,8 +644,9 @@ def explain_folder(worker: Worker, inputs: Sequence[str | os.PathLike], outdir: 
     folder before any image is read, then explain what is not done yet, locally or on Ray
     (``ray``: a cluster address, or "local"); results.json is rewritten at the end."""
     found = find_images(inputs, pattern, exclude=outdir)
-    if not found.items and not found.ignored:
-        raise OnnxcamError("no images given")
+    if not found.items:
+        others = f" ({len(found.ignored)} other files skipped)" if found.ignored else ""
+        raise OnnxcamError(f"no image files found in {', '.join(map(os.fspath, inputs))}{others}")
     check_outdir(outdir)
     worker.check()
     journal = Journal(prepare_outdir(outdir))

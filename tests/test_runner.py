@@ -96,6 +96,8 @@ def test_folder_walk_glob_non_images_and_output_inside(tiny, tmp_path):
     assert code == 0 and "explained 1 of 1 images" in output, output
     found = find_images([str(data / "a" / "*.png"), str(data / "3.bmp")])
     assert sorted(i.key for i in found.items) == ["3.bmp", "a/1.png"]
+    code, output = run("explain", tiny, data, "--glob", "*.gif", "-o", tmp_path / "none")
+    assert code == 2 and output.startswith("error: no image files found in") and not (tmp_path / "none").exists()
 
 
 def test_resume_skips_done_redoes_missing_and_overwrite(tiny, tmp_path):

@@ -1,15 +1,20 @@
-"""Benchmark: images/s of one process vs Ray with N actors, on the same folder.
+"""Benchmark: images/s of one process vs Ray with N actors, and what is per worker vs per image.
 
-Makes ``--count`` photos (512 px long side, from ../shared/data) in a temporary folder, then
-explains them (Grad-CAM, mobilenet_v2, overlays written) three ways, each into a fresh output
-folder, the rewrite cache warmed first:
+Makes photos (512 px long side, from ../shared/data) in a temporary folder and explains them
+(Grad-CAM, mobilenet_v2, overlays written, the rewrite cache warmed first), each run into a
+fresh output folder, timed from the API call to its return (model load, check, sessions or
+actor start included):
 
-* local, onnxruntime's default threads (one per core): ``onnxcam explain`` as one process;
+* local, onnxruntime's default threads (one per core), as ``onnxcam explain`` runs;
 * local, 1 onnxruntime thread: what one Ray actor has;
 * Ray, ``--workers`` actors of 1 CPU and 1 thread each, on a local cluster started here
-  (``ray.init(num_cpus=workers)``); the cluster's and actors' start-up is timed separately
-  from the run (a warm-up run first; each run starts its own actors, so the timed run is reported with
-  and without the time to its first batch: model load and session per actor).
+  (``ray.init(num_cpus=workers)``; its start is reported apart, and every way runs once
+  unmeasured first: Ray's first run also starts worker processes and imports onnxcam).
+
+Each way runs ``--count`` / 4 and ``--count`` images: the slope (extra images / extra seconds)
+is the per-image throughput, the intercept the fixed cost per run (for Ray: actor start, model
+load and session per actor). Ray Data hands results back in blocks, so per-record arrival times
+do not measure the rate; two sizes do.
 
     python tools/bench_ray.py [--count 64] [--workers 2] [--batch-size 8]
 """
@@ -38,12 +43,17 @@ SHARED = REPO.parent / "shared"
 DEFAULT_MODEL = SHARED / "models" / "mobilenet" / "mobilenet_v2_1.0_224.onnx"
 
 
-def local(model: str, folder: Path, out: Path, batch: int, threads: int) -> float:
+def local(model: str, folder: Path, out: Path, batch: int, threads: int) -> None:
     explainer = Explainer(model, provider="cpu", batch_size=batch, threads=threads)
     worker = Worker(explainer, explainer.preprocess("inception"), Settings(), out)
     summary = explain_folder(worker, [folder], out, batch_size=batch, progress=False)
     assert summary.explained and not summary.failed
-    return summary.seconds
+
+
+def timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -54,34 +64,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     import ray
+    sizes = (args.count // 4, args.count)
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
-        (root / "photos").mkdir()
-        make_photos(root / "photos", args.count, side=512)
-        (root / "warm").mkdir()
-        make_photos(root / "warm", args.batch_size * args.workers, side=512)
-        local(args.model, root / "warm", root / "warm-out", args.batch_size, 0)  # rewrite cached
-        rows = [("local process, default threads", local(args.model, root / "photos", root / "l0", args.batch_size, 0)),
-                ("local process, 1 thread", local(args.model, root / "photos", root / "l1", args.batch_size, 1))]
-        started = time.perf_counter()
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        for size in sizes:
+            (root / f"photos-{size}").mkdir()
+            make_photos(root / f"photos-{size}", size, side=512)
+        local(args.model, root / f"photos-{sizes[0]}", root / "warm", args.batch_size, 0)  # rewrite cached
+        ways = {"local process, default threads": lambda folder, out: local(args.model, folder, out, args.batch_size, 0),
+                "local process, 1 thread": lambda folder, out: local(args.model, folder, out, args.batch_size, 1)}
         common = dict(provider="cpu", batch_size=args.batch_size, workers=args.workers, threads=1, preset="inception")
-        explain_dataset(root / "warm", args.model, root / "ray-warm", **common)
-        startup = time.perf_counter() - started
-        arrivals: list[float] = []
-        summary = explain_dataset(root / "photos", args.model, root / "ray",
-                                  on_record=lambda record: arrivals.append(time.perf_counter()), **common)
-        rows.append((f"Ray, {args.workers} actors x 1 thread (with actor start)", summary.seconds))
-        first = args.batch_size  # from the first batch back to the last: actors up and running
-        steady = (arrivals[-1] - arrivals[first - 1]) / (len(arrivals) - first)
-        rows.append((f"Ray, {args.workers} actors, after the first batch", steady * args.count))
+        ways[f"Ray, {args.workers} actors x 1 thread"] = (
+            lambda folder, out: explain_dataset(folder, args.model, out, **common))
+        startup = timed(lambda: ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False))
+        for i, way in enumerate(ways.values()):  # worker processes, imports, caches: not per run
+            way(root / f"photos-{sizes[0]}", root / f"warm-{i}")
+        seconds = {name: [timed(lambda: way(root / f"photos-{size}", root / f"{i}-{size}")) for size in sizes]
+                   for i, (name, way) in enumerate(ways.items())}
         ray.shutdown()
-    print(f"{args.count} photos (512 px), {Path(args.model).name}, Grad-CAM + overlays, batch {args.batch_size}; "
-          f"{platform.machine()}, {os.cpu_count()} cores (shared with other work: noisy)")
-    base = rows[0][1]
-    for name, seconds in rows:
-        print(f"{name:<52} {args.count / seconds:7.1f} images/s  ({seconds:.2f} s, x{base / seconds:.2f} vs the first row)")
-    print(f"Ray cluster start + first (warm-up) run: {startup:.1f} s")
+    print(f"photos of 512 px, {Path(args.model).name}, Grad-CAM + overlays, batch {args.batch_size}; "
+          f"{platform.machine()}, {os.cpu_count()} cores (shared with other work: noisy); Ray start {startup:.1f} s")
+    print(f"{'':<36} {sizes[0]:>4} images  {sizes[1]:>4} images   per image         fixed per run")
+    for name, (small, large) in seconds.items():
+        slope = (large - small) / (sizes[1] - sizes[0])
+        print(f"{name:<36} {small:9.2f} s  {large:9.2f} s   {1 / slope:6.1f} images/s   {small - slope * sizes[0]:6.2f} s")
 
 
 if __name__ == "__main__":
