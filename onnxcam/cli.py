@@ -119,7 +119,7 @@ def _seed_vectors(path: Path, classes: Optional[int]) -> np.ndarray:
 @app.command()
 def explain(
     model: Annotated[Path, typer.Argument(help="ONNX classifier")],
-    images: Annotated[list[Path], typer.Argument(help="image files")],
+    images: Annotated[list[Path], typer.Argument(help="image files, folders (recursive) or quoted glob patterns")],
     method: Annotated[str, typer.Option("-m", "--method", help=f"one of: {', '.join(METHODS)}")] = "gradcam",
     layer: Annotated[Optional[list[str]], typer.Option("-l", "--layer", help="tensor to explain (repeat for several)")] = None,
     target: Annotated[Optional[list[str]], typer.Option("-t", "--target", help="class index or label; repeat (or 3,7,9) for several")] = None,
