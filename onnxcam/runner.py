@@ -581,16 +581,19 @@ def interruptible() -> Iterator[Callable[[], bool]]:
 
 def run_local(worker: Worker, items: Sequence[Item], journal: Journal, batch_size: int,
               on_record: Callable[[dict], None] | None = None, advance: Callable[[int], None] | None = None,
-              stopping: Callable[[], bool] = lambda: False, decode_threads: int = 2,
-              write_threads: int = 2) -> Summary:
+              stopping: Callable[[], bool] = lambda: False, decode_threads: int | None = None,
+              write_threads: int | None = None) -> Summary:
     """Explain ``items`` (those still to do) batch by batch, decode and writes overlapped
     with the model; every finished image is appended to ``journal``. When ``stopping()``
     turns true (Ctrl-C, see :func:`interruptible`) the run stops after the batch under way
-    and its writes: no partial file, and the journal lists exactly the finished images."""
+    and its writes: no partial file, and the journal lists exactly the finished images.
+    The pools have 2 threads, up to 4 on machines of 8 cores or more (PNG encoding of large
+    photos costs more than a small model's run)."""
+    threads = min(4, max(2, (os.cpu_count() or 2) // 2))
     summary = Summary(str(journal.outdir), total=len(items))
     batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
-    decoding = ThreadPoolExecutor(decode_threads, thread_name_prefix="onnxcam-decode")
-    writing_pool = ThreadPoolExecutor(write_threads, thread_name_prefix="onnxcam-write")
+    decoding = ThreadPoolExecutor(decode_threads or threads, thread_name_prefix="onnxcam-decode")
+    writing_pool = ThreadPoolExecutor(write_threads or threads, thread_name_prefix="onnxcam-write")
     ahead: deque[list[Future]] = deque()
     writing: deque[Future] = deque()
     started = time.perf_counter()

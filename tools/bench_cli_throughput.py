@@ -13,7 +13,8 @@ folder; then, interleaved, ``--repeats`` times each:
 * cli --overlay-size N (optional): the same with overlays bounded to N px.
 
 Prints images/s of each and the CLI's throughput as a fraction of the baseline's (the goal is
->= 0.5). Usage:
+>= 0.5), and the CPU seconds of each (less sensitive to other load on the machine; the CLI's
+include its start-up). Usage:
 
     python tools/bench_cli_throughput.py [--model M] [--count 100] [--repeats 2] [--overlay-size 512]
 """
@@ -24,6 +25,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -62,14 +64,20 @@ def make_photos(folder: Path, count: int, side: int | None = None) -> list[Path]
     return paths
 
 
-def baseline(model: str, paths: list[Path], batch: int) -> float:
-    """Seconds to decode, preprocess and run the plain model on every image (session built first)."""
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def baseline(model: str, paths: list[Path], batch: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to decode, preprocess and run the plain model on every image
+    (session built first)."""
     explainer = Explainer(model, provider="cpu")
     preprocess = explainer.preprocess("inception")
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     session.run(None, {name: preprocess([np.zeros((8, 8, 3), np.float32)])})
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
     for start in range(0, len(paths), batch):
         x = preprocess([load_image(p) for p in paths[start:start + batch]])
         if session.get_inputs()[0].shape[0] == 1:
@@ -77,26 +85,27 @@ def baseline(model: str, paths: list[Path], batch: int) -> float:
                 session.run(None, {name: row[None]})
         else:
             session.run(None, {name: x})
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_seconds(resource.RUSAGE_SELF) - cpu
 
 
-def run_cli(arguments: list[str], prefix: tuple[str, ...] = ()) -> tuple[float, float, str]:
-    """(wall seconds of the whole process, the run's own seconds, its stdout) of
-    ``[*prefix] python -m onnxcam.cli explain *arguments -q``."""
+def run_cli(arguments: list[str], prefix: tuple[str, ...] = ()) -> tuple[float, float, str, float]:
+    """(wall seconds of the whole process, the run's own seconds, its stdout, its CPU seconds)
+    of ``[*prefix] python -m onnxcam.cli explain *arguments -q``."""
     command = [*prefix, sys.executable, "-m", "onnxcam.cli", "explain", *arguments, "-q"]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"the CLI failed: {done.stderr}")
-    return wall, float(re.search(r"images in ([0-9.]+) s", done.stdout).group(1)), done.stdout
+    inner = float(re.search(r"images in ([0-9.]+) s", done.stdout).group(1))
+    return wall, inner, done.stdout, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
 
 
-def cli(model: str, folder: Path, out: Path, batch: int, extra: list[str]) -> tuple[float, float]:
-    """(wall seconds of the whole process, the run's own seconds) for one CLI run."""
-    wall, inner, _ = run_cli([model, str(folder), "-o", str(out), "--preset", "inception", "--provider", "cpu",
-                              "--batch-size", str(batch), *extra])
-    return wall, inner
+def cli(model: str, folder: Path, out: Path, batch: int, extra: list[str]) -> tuple[float, float, float]:
+    """(wall seconds of the whole process, the run's own seconds, CPU seconds) of one CLI run."""
+    wall, inner, _, cpu = run_cli([model, str(folder), "-o", str(out), "--preset", "inception", "--provider", "cpu",
+                                   "--batch-size", str(batch), *extra])
+    return wall, inner, cpu
 
 
 def main() -> None:
@@ -129,12 +138,15 @@ def main() -> None:
     print(f"{n} JPEGs (long side 400-1200 px, e.g. {sides[:6]}), {Path(args.model).name}, batch {args.batch_size}, "
           f"CPU provider; {platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}; "
           f"median of {args.repeats} interleaved runs (a loaded machine: noisy)")
-    base = statistics.median(times["baseline"])
-    print(f"{'baseline: decode + plain forward':<44} {n / base:7.1f} images/s  ({base:.2f} s)")
+    base = statistics.median(t[0] for t in times["baseline"])
+    base_cpu = statistics.median(t[1] for t in times["baseline"])
+    print(f"{'baseline: decode + plain forward':<44} {n / base:7.1f} images/s  ({base:.2f} s; CPU {base_cpu:.2f} s)")
     for name in variants:
         wall = statistics.median(t[0] for t in times[name])
         inner = statistics.median(t[1] for t in times[name])
-        print(f"{name + ' (whole process)':<44} {n / wall:7.1f} images/s  ({wall:.2f} s)  ratio {base / wall:.2f}")
+        cpu = statistics.median(t[2] for t in times[name])
+        print(f"{name + ' (whole process)':<44} {n / wall:7.1f} images/s  ({wall:.2f} s)  ratio {base / wall:.2f}"
+              f"   CPU {cpu:.2f} s, ratio {base_cpu / cpu:.2f}")
         print(f"{name + ' (streaming loop)':<44} {n / inner:7.1f} images/s  ({inner:.2f} s)  ratio {base / inner:.2f}")
 
 

@@ -45,7 +45,7 @@ def make_images(folder: Path, count: int, size: int) -> None:
 
 def peak(model: str, folder: Path, out: Path, batch: int) -> tuple[float, float, str]:
     """(peak RSS in MiB, seconds, the CLI's summary line) of one run."""
-    seconds, _, stdout = run_cli([model, str(folder), "-o", str(out), "--provider", "cpu",
+    seconds, _, stdout, _ = run_cli([model, str(folder), "-o", str(out), "--provider", "cpu",
                                   "--batch-size", str(batch)], prefix=(sys.executable, "-c", WRAPPER))
     kib = int(re.search(r"PEAK_KB (\d+)", stdout).group(1))
     return kib / 1024, seconds, stdout.splitlines()[0]
