@@ -18,7 +18,9 @@ and the output folder (a shared file system on a real cluster) keeps up.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,7 +98,9 @@ def connect(address: str | None) -> None:
         raise OnnxcamError('Ray is not installed: pip install "onnxcam[ray]"') from None
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("ONNXCAM_CACHE_DIR", "PYTHONPATH") if k in os.environ}
+    # On this machine the actors share the driver's rewrite cache and import path.
+    here = address in (None, "local", "auto")
+    env = {k: os.environ[k] for k in ("ONNXCAM_CACHE_DIR", "PYTHONPATH") if k in os.environ and here}
     try:
         ray.init(address=None if address in (None, "local") else address, log_to_driver=False,
                  logging_level="WARNING", runtime_env={"env_vars": env} if env else None)
@@ -110,10 +114,10 @@ def run_ray(worker: Worker, items: Sequence[Item], journal: Journal, batch_size:
             advance: Callable[[int], None] | None = None,
             stopping: Callable[[], bool] = lambda: False) -> Summary:
     """:func:`onnxcam.runner.run_local`'s counterpart on Ray: ``workers`` actors (1 CPU and
-    ``gpus`` GPUs each; onnxruntime threads = 1 per actor unless the explainer sets them)."""
-    import time
+    ``gpus`` GPUs each; onnxruntime threads = 1 per actor unless the explainer sets them).
+    A failure of Ray itself (an actor that cannot start, a lost node) ends the run with
+    onnxcam's one-line error; what was recorded until then stays."""
     connect(address)
-    import logging
     import ray
     ray.data.DataContext.get_current().enable_progress_bars = False  # onnxcam shows its own
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -146,6 +150,10 @@ def run_ray(worker: Worker, items: Sequence[Item], journal: Journal, batch_size:
                 break
     except KeyboardInterrupt:
         summary.interrupted = True
+    except ray.exceptions.RayError as exc:
+        lines = str(exc).strip().splitlines()
+        raise OnnxcamError(f"the Ray run failed after {summary.explained} images: "
+                           f"{lines[-1] if lines else type(exc).__name__}") from None
     summary.seconds = time.perf_counter() - started
     return summary
 
