@@ -1,7 +1,8 @@
 """Stage 6: the ``onnxcam`` command line (typer).
 
-Errors in the user's input print one line, ``error: ...``, and exit with status 2; nothing is
-written unless every image was explained (outputs are computed first, then written atomically).
+Errors in the user's input print one line, ``error: ...``, and exit with status 2, before any
+output is written. ``explain`` streams through :mod:`onnxcam.runner`: an image that fails is
+recorded and the others go on (exit status 1); every file is written atomically.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,17 +17,15 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from . import dense
-from .errors import OnnxcamError, OnnxcamWarning, TargetError
+from .errors import OnnxcamError, OnnxcamWarning
 from .explainer import Explainer
 from .deploy import CHECK_TOLERANCE, DEFAULT_ORT_WEB, check_export, write_triton, write_web
 from .export import export_explained, exportable_methods, save_explained
-from .images import load_image, make_preprocess
+from .images import make_preprocess
 from .labels import check_labels, load_labels, resolve_name, split_names
 from .methods import METHODS
-from .files import atomic_write_bytes
-from .validate import json_bytes, same_file
-from .visualize import encode_png, overlay, resize_map
+from .runner import Settings, Worker, explain_folder
+from .validate import same_file
 
 
 #: click's base exception (typer may vendor its own click): usage errors derive from it.
@@ -158,7 +156,7 @@ def _seed_vectors(path: Path, classes: Optional[int]) -> np.ndarray:
 @app.command()
 def explain(
     model: Annotated[Path, typer.Argument(help="ONNX classifier")],
-    images: Annotated[list[Path], typer.Argument(help="image files")],
+    images: Annotated[list[Path], typer.Argument(help="image files, folders (recursive) or quoted glob patterns")],
     method: Annotated[str, typer.Option("-m", "--method", help=f"one of: {', '.join(METHODS)}")] = "gradcam",
     layer: Annotated[Optional[list[str]], typer.Option("-l", "--layer", help="tensor to explain (repeat for several)")] = None,
     target: Annotated[Optional[list[str]], typer.Option("-t", "--target", help="class index or label; repeat (or 3,7,9) for several")] = None,
@@ -188,8 +186,17 @@ def explain(
     region: Annotated[Optional[str], typer.Option("--region", help="segmentation: argmax, all, x0,y0,x1,y1 (image pixels) or a mask image")] = None,
     anchor: Annotated[Optional[int], typer.Option("--anchor", help="detection head: the anchor (column) to explain; default the best")] = None,
     box_values: Annotated[int, typer.Option("--box-values", help="detection head: values before the class scores (4, 5 with objectness)")] = 4,
+    glob: Annotated[Optional[str], typer.Option("--glob", help="in folders, only files matching this pattern (e.g. '*.jpg')")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="redo images results.jsonl records as done")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="no progress bar and no line per image")] = False,
+    overlay_size: Annotated[Optional[int], typer.Option("--overlay-size", min=16, help="overlays' longer side at most this (default: the image's size)")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="run on Ray: a cluster address (ray://host:10001, auto) or 'local'")] = None,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", min=1, help="Ray: actors, each with its own onnxruntime session")] = 2,
+    ray_gpus: Annotated[float, typer.Option("--ray-gpus", min=0.0, help="Ray: GPUs per actor (use with --provider cuda)")] = 0.0,
 ) -> None:
-    """Explain IMAGES with MODEL; writes overlays, optional .npy maps and results.json."""
+    """Explain IMAGES (files, folders walked recursively, glob patterns) with MODEL; writes
+    overlays, optional .npy maps, results.jsonl (resumable) and results.json. Exit status:
+    0 all explained, 1 some images failed (listed), 2 usage or model error."""
     try:
         Explainer.method(method)
         if sum(x is not None and x != [] for x in (target, topk, seed_vector)) > 1:
@@ -205,53 +212,26 @@ def explain(
                        baseline=baseline)
         preprocess = explainer.preprocess(preset, size, mean=_floats(mean, "--mean"),
                                           std=_floats(std, "--std"), scale=scale)
-        pictures = [load_image(path) for path in images]  # every image decodes before any output
-        per_image = _dense_targets(explainer, targets, region, anchor, box_values, pictures)
-        stems = _unique_stems(images)
-        records: list[dict] = []
-        files: dict[str, bytes] = {}
-        for start in range(0, len(pictures), batch_size):
-            chunk = pictures[start:start + batch_size]
-            started = time.perf_counter()
-            x = preprocess(chunk)
-            chunk_targets = targets if per_image is None else per_image[start:start + batch_size]
-            result = explainer.explain(x, method=method, targets=chunk_targets, **options)
-            importance = explainer.channels(x, method, chunk_targets, k=channels, **options) if channels else None
-            seconds = (time.perf_counter() - started) / len(chunk)
-            for offset, picture in enumerate(chunk):
-                stem = stems[start + offset]
-                record = _explained_image(result, offset, picture, stem, method, labels, npy, files,
-                                          explainer.dense)
-                record.update(file=str(images[start + offset]), seconds=round(seconds, 4))
-                if importance is not None and "error" not in record:
-                    record["channels"] = _channel_record(importance, offset, picture, stem, files)
-                records.append(record)
-        files["results.json"] = json_bytes(records)
+        settings = Settings(method, targets, options, tuple(labels) if labels else None, npy, channels, overlay_size,
+                            region=region, anchor=anchor, box_values=box_values)
+        summary = explain_folder(Worker(explainer, preprocess, settings, outdir), images, outdir,
+                                 pattern=glob, batch_size=batch_size, overwrite=overwrite, progress=not quiet,
+                                 on_record=None if quiet else _echo_record, ray=ray,
+                                 ray_workers=ray_workers, ray_gpus=ray_gpus)
     except OnnxcamError as exc:
         fail(str(exc))
         return
-    outdir.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        atomic_write_bytes(outdir / name, data)
-    for record in records:
-        shown = ", ".join(_describe_target(t) for t in record["targets"])
-        typer.echo(f"{record['file']}: {shown} [{record['provider']}, {record['seconds'] * 1000:.0f} ms]")
-    typer.echo(f"wrote {len(files)} files to {outdir}")
+    for line in summary.lines():
+        typer.echo(line, err=line.startswith(("failed:", "interrupted:")))
+    raise typer.Exit(summary.exit_code)
 
 
-def _dense_targets(explainer: Explainer, targets, region: Optional[str], anchor: Optional[int],
-                   box_values: int, pictures: list[np.ndarray]) -> Optional[list]:
-    """Per-image targets for a segmentation or detection output given a region or an anchor
-    (None: the targets apply as they are)."""
-    if explainer.dense is None:
-        if region is not None or anchor is not None:
-            raise TargetError(f"--region and --anchor explain segmentation and detection outputs; "
-                              f"'{explainer.logits_name}' holds class scores")
-        return None
-    if isinstance(targets, np.ndarray) or (region is None and anchor is None and box_values == 4):
-        return None  # classes (or a seed file) go to the explainer as they are
-    return dense.image_targets(explainer.dense, targets, dense.parse_region(region), anchor, box_values,
-                               [p.shape[:2] for p in pictures])
+def _echo_record(record: dict) -> None:
+    if "error" in record:
+        typer.echo(f"{record['file']}: error: {record['error']}", err=True)
+        return
+    shown = ", ".join(_describe_target(t) for t in record["targets"])
+    typer.echo(f"{record['file']}: {shown} [{record['provider']}, {record['seconds'] * 1000:.0f} ms]")
 
 
 def _describe_target(target: dict) -> str:
@@ -264,83 +244,6 @@ def _describe_target(target: dict) -> str:
         where = f"anchor {target['anchor']}" if "anchor" in target else f"{target['region_pixels']} px"
         return f"class {target['target']}{label} {where} score={target['score']:.3f}"
     return f"class {target['target']}{label} p={target['probability']:.3f}"
-
-
-def _explained_image(result, index: int, picture: np.ndarray, stem: str, method: str,
-                     labels: Optional[list[str]], npy: bool, files: dict[str, bytes],
-                     dense_output: Optional[dense.DenseOutput] = None) -> dict:
-    """Overlays (and .npy maps) of one image, one per target, and its results.json record."""
-    targets = []
-    classes = result.targets[index].reshape(-1)
-    error = None if result.finite[index] else "the model's outputs are NaN or Inf for this image"
-    for slot, cls in enumerate(classes):
-        cls = int(cls)
-        name = f"{stem}.{method}" if len(classes) == 1 else f"{stem}.{method}.{cls if cls >= 0 else f'seed{slot}'}"
-        if error is None:  # a map from non-finite numbers would be garbage: none is written
-            heatmap = resize_map(result.per_target[index, slot], picture.shape[:2])
-            files[f"{name}.png"] = encode_png(overlay(picture, heatmap))
-            if npy:
-                files[f"{name}.npy"] = _npy_bytes(heatmap)
-        targets.append({
-            "target": cls, "label": labels[cls] if labels and 0 <= cls < len(labels) else None,
-            "probability": float(result.probabilities[index, cls]) if cls >= 0 and dense_output is None else None,
-            "overlay": f"{name}.png" if error is None else None,
-            **({"error": error} if error else {}),
-        })
-        if dense_output is not None:
-            targets[-1].update(dense.describe(dense_output, result.logits[index], result.seeds[index, slot]))
-    record = {"target": targets[0]["target"], "label": targets[0]["label"],
-              "probability": targets[0]["probability"], "targets": targets,
-              "layer": result.layer, "method": method, "provider": result.provider}
-    if error:
-        record["error"] = error
-    return record
-
-
-def _channel_record(importance, index: int, picture: np.ndarray, stem: str,
-                    files: dict[str, bytes]) -> dict | list[dict]:
-    """The K most and least important channels of one image for each explained target: a grid
-    image per target (top row: most important, bottom row: least) and the channels' indices and
-    weights, each record naming its target; a list of them when the image has several targets."""
-    multi = importance.targets.ndim == 2
-    classes = importance.targets[index].reshape(-1)
-    records = []
-    for slot, cls in enumerate(int(c) for c in classes):
-        pick = (lambda a: a[index, slot]) if multi else (lambda a: a[index])
-        rows = [np.concatenate([cv2_resize(overlay(picture, m), (128, 128)) for m in pick(maps)], axis=1)
-                for maps in (importance.most_maps, importance.least_maps)]
-        which = f".{cls if cls >= 0 else f'seed{slot}'}" if multi else ""
-        name = f"{stem}.{importance.method}{which}.channels.png"
-        files[name] = encode_png(np.concatenate(rows, axis=0))
-        records.append({"target": cls, "layer": importance.layer, "grid": name,
-                        "most": [int(c) for c in pick(importance.most)],
-                        "most_weights": [float(w) for w in pick(importance.most_weights)],
-                        "least": [int(c) for c in pick(importance.least)],
-                        "least_weights": [float(w) for w in pick(importance.least_weights)]})
-    return records if multi else records[0]
-
-
-def cv2_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def _unique_stems(paths: list[Path]) -> list[str]:
-    """File stems, disambiguated when two images share one (a/x.jpg, b/x.png)."""
-    seen: dict[str, int] = {}
-    stems = []
-    for path in paths:
-        stem = path.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return stems
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-    buffer = io.BytesIO()
-    np.save(buffer, array.astype(np.float32))
-    return buffer.getvalue()
 
 
 @app.command("export")

@@ -12,13 +12,12 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .decode import load_image, to_rgb  # noqa: F401 - decoding lives in decode.py, re-exported
-from .errors import ImageError, OnnxcamError
+from .errors import OnnxcamError
 from .labels import load_labels  # noqa: F401 - moved to onnxcam.labels; importable from here as before
 
 

@@ -11,11 +11,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 
-from .errors import ModelError, OnnxcamError
+from .errors import ModelError
 from .model import ModelGraph
 
 
