@@ -41,31 +41,40 @@ def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
     return None
 
 
+GridOption = Annotated[Optional[tuple[int, int]], typer.Option(
+    "--grid", help="token layers: the patch grid H W, when the graph does not say")]
+PrefixOption = Annotated[Optional[int], typer.Option(
+    "--prefix", help="token layers: how many tokens (CLS, distillation, registers) precede the patches")]
+
+
 @app.command()
 def layers(
     model: Annotated[Path, typer.Argument(help="ONNX classifier")],
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
+    grid: GridOption = None,
+    prefix: PrefixOption = None,
 ) -> None:
-    """List the spatial activations that can be explained; * marks the default."""
+    """List the spatial activations that can be explained (NCHW, NHWC, transformer tokens);
+    * marks the default."""
     try:
-        explainer = Explainer(model, output=output, input_size=size)
+        explainer = Explainer(model, output=output, input_size=size, grid=grid, prefix=prefix)
         found = explainer.layers()
     except OnnxcamError as exc:
         fail(str(exc))
         return
     if as_json:
         typer.echo(json.dumps({"logits": explainer.logits_name, "input_layout": explainer.input_layout,
-                               "layers": [l.__dict__ for l in found]}, indent=1))
+                               "layers": [{**l.__dict__, "kind": l.kind} for l in found]}, indent=1))
         return
     typer.echo(f"explaining output: {explainer.logits_name}   input layout: {explainer.input_layout}")
     width = max(len(l.name) for l in found)
-    typer.echo(f"  {'tensor':<{width}}  {'op':<18} {'C,H,W':<16} layout")
+    typer.echo(f"  {'tensor':<{width}}  {'op':<18} {'C,H,W':<16} kind")
     for layer in found:
         mark = "*" if layer.default else " "
         shape = ",".join(map(str, layer.shape))
-        typer.echo(f"{mark} {layer.name:<{width}}  {layer.op:<18} {shape:<16} {layer.layout}")
+        typer.echo(f"{mark} {layer.name:<{width}}  {layer.op:<18} {shape:<16} {layer.kind}")
 
 
 def resolve_target(text: Optional[str], labels: Optional[list[str]]) -> Optional[int]:
@@ -145,6 +154,8 @@ def explain(
     std: Annotated[Optional[str], typer.Option("--std", help="per-channel std")] = None,
     scale: Annotated[Optional[float], typer.Option("--scale", help="divide pixels by this first (default 255)")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
+    grid: GridOption = None,
+    prefix: PrefixOption = None,
 ) -> None:
     """Explain IMAGES with MODEL; writes overlays, optional .npy maps and results.json."""
     try:
@@ -152,7 +163,7 @@ def explain(
         if sum(x is not None and x != [] for x in (target, topk, seed_vector)) > 1:
             raise OnnxcamError("give only one of --target, --topk and --seed-vector")
         explainer = Explainer(model, layer=layer, provider=provider, output=output,
-                              batch_size=batch_size, input_size=size)
+                              batch_size=batch_size, input_size=size, grid=grid, prefix=prefix)
         labels = load_labels(labels_file) if labels_file else explainer.labels()
         targets = (_seed_vectors(seed_vector, explainer.num_classes) if seed_vector
                    else resolve_targets(target, labels))
@@ -272,11 +283,14 @@ def export_command(
     layer: Annotated[Optional[str], typer.Option("-l", "--layer", help="tensor to explain (default: the last spatial one)")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
     size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
+    grid: GridOption = None,
+    prefix: PrefixOption = None,
 ) -> None:
     """Write a model that onnxruntime runs to get the logits and the heatmap (input 'target',
     outputs 'heatmap', 'target_class'); no onnxcam needed to run it."""
     try:
-        exported = export_explained(model, method, layer=layer, output=output, input_size=size)
+        exported = export_explained(model, method, layer=layer, output=output, input_size=size,
+                                    grid=grid, prefix=prefix)
     except OnnxcamError as exc:
         fail(str(exc))
         return

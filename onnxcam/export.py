@@ -45,6 +45,7 @@ from .explainer import Explainer
 from .head import linear_head
 from .methods import METHODS, Method
 from .model import Layer, opset_of
+from .tokens import emit_to_nchw
 from .surgery import METADATA_KEY, SEED, RewriteRequest, cached_rewrite
 
 TARGET = "target"
@@ -68,15 +69,17 @@ def exportable_methods() -> list[str]:
 
 def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "gradcam",
                      layer: str | None = None, output: str | None = None,
-                     input_size: tuple[int, int] | None = None) -> onnx.ModelProto:
+                     input_size: tuple[int, int] | None = None, grid: tuple[int, int] | None = None,
+                     prefix: int | None = None) -> onnx.ModelProto:
     """The model with ``target`` in and ``heatmap``, ``target_class`` out (module docstring).
 
-    ``layer``, ``output`` (which model output to explain) and ``input_size`` (H, W for models
-    with a dynamic size) mean what they mean for :class:`onnxcam.explainer.Explainer`; the
-    heatmaps equal ``Explainer(model, layer).explain(x, method, targets).heatmaps``.
+    ``layer``, ``output`` (which model output to explain), ``input_size`` (H, W for models
+    with a dynamic size), ``grid`` and ``prefix`` (token layers) mean what they mean for
+    :class:`onnxcam.explainer.Explainer`; the heatmaps equal
+    ``Explainer(model, layer).explain(x, method, targets).heatmaps``.
     """
     spec = _exportable(method)
-    explainer = Explainer(model, layer=layer, output=output, input_size=input_size)
+    explainer = Explainer(model, layer=layer, output=output, input_size=input_size, grid=grid, prefix=prefix)
     chosen = explainer.targets_layers[0]
     request = RewriteRequest((chosen.name,), explainer.logits_name, gradient=spec.needs_gradient)
     rewritten, _ = cached_rewrite(explainer.graph.model, request, explainer.source)
@@ -113,6 +116,7 @@ _NOT_IN_GRAPH = {
     "perturbation": "needs one extra model run per channel",
     "pixel": "is a pixel-space method (noise samples, path integrals or guided ReLU gradients)",
     "projection": "needs an SVD per image",
+    "attention": "reads every attention layer's probabilities (use the Explainer)",
 }
 
 
@@ -168,6 +172,8 @@ def _cam_weights(b: Emitter, explainer: Explainer, layer: Layer, target_class: g
 
 def _to_nchw(b: Emitter, tensor: gs.Tensor, layer: Layer) -> gs.Tensor:
     """The methods' formulas index (N, C, h, w), as the Explainer's ``to_nchw``."""
+    if layer.grid is not None:
+        return emit_to_nchw(b, tensor, layer.grid)
     return b.transpose(tensor, [0, 3, 1, 2]) if layer.layout == "NHWC" else tensor
 
 

@@ -172,7 +172,8 @@ def _shapes_from_a_run(model: onnx.ModelProto) -> onnx.ModelProto:
     batch = dims[0]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.input[list(probe.graph.input).index(inputs[0])].type.tensor_type.shape.dim[0].dim_value = 1
+    if isinstance(batch, int):
+        probe.graph.input[list(probe.graph.input).index(inputs[0])].type.tensor_type.shape.dim[0].dim_value = 1
     del probe.graph.output[:]
     probe.graph.output.extend(
         onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, None) for vi in shapeless)
@@ -187,9 +188,24 @@ def _shapes_from_a_run(model: onnx.ModelProto) -> onnx.ModelProto:
         values = session.run(None, {inputs[0].name: np.zeros([1] + list(dims[1:]), elem)})
     except Exception:  # noqa: BLE001 - shapes stay unknown; the caller reports what it cannot use
         return model
-    for vi, value in zip(shapeless, values):
+    pairs = None
+    if not isinstance(batch, int):
+        # a second run at batch 2 tells which dims follow the batch ([T, N, C] inside torch's
+        # MultiheadAttention, [N*windows, ...] in Swin): those stay symbolic
+        try:
+            pairs = session.run(None, {inputs[0].name: np.zeros([2] + list(dims[1:]), elem)})
+        except Exception:  # noqa: BLE001 - then only a leading 1 is taken for the batch
+            pairs = None
+    for index, (vi, value) in enumerate(zip(shapeless, values)):
+        before = static_dims(vi) or ()
         shape: list[int | str] = list(value.shape)
-        if shape and shape[0] == 1 and not isinstance(batch, int) and value.ndim >= 2:
+        if pairs is not None and pairs[index].ndim == value.ndim:
+            for axis, (one, two) in enumerate(zip(value.shape, pairs[index].shape)):
+                if one != two:
+                    symbol = before[axis] if axis < len(before) and isinstance(before[axis], str) else None
+                    shape[axis] = (batch if isinstance(batch, str) else "batch") if (axis, one) == (0, 1) else (
+                        symbol or f"onnxcam_dim_{index}_{axis}")
+        elif shape and shape[0] == 1 and not isinstance(batch, int) and value.ndim >= 2:
             shape[0] = batch if isinstance(batch, str) else "batch"
         vi.type.tensor_type.ClearField("shape")
         for d in shape:
@@ -398,6 +414,9 @@ class ModelGraph:
                 if layer is not None:
                     candidates.append(layer)
         if not candidates:
+            unread = [t for n, t in index.tensors.items() if n in upstream and t.grid is None and t.why]
+            if unread:
+                raise tokens.ambiguous_error(self.source, unread[-1])
             hint = (" (the input size is dynamic: give --size H W)" if self.static_input_hw() is None
                     else "; onnxcam explains convolutional classifiers and vision transformers")
             raise LayerError(
@@ -435,17 +454,14 @@ class ModelGraph:
 
     def find_layer(self, name: str, output: str | None = None) -> Layer:
         """The layer called ``name`` (a tensor name, or a node name whose output is meant)."""
+        tensor = next((n.output[0] for n in self.model.graph.node if n.name == name and n.output), name)
+        unread = self.token_index().tensors.get(tensor)
+        if unread is not None and unread.grid is None and unread.why:
+            raise tokens.ambiguous_error(self.source, unread)
         layers = self.layers(output)
         for layer in layers:
             if name in (layer.name, layer.node):
                 return layer
-        tensor = name
-        for node in self.model.graph.node:
-            if node.name == name and node.output:
-                tensor = node.output[0]
-        ambiguous = self.token_index().tensors.get(tensor)
-        if ambiguous is not None and ambiguous.grid is None and ambiguous.why:
-            raise tokens.ambiguous_error(self.source, ambiguous)
         if name in self.producer or name in self.value_info:
             dims = self.dims(name)
             raise LayerError(

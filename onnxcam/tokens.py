@@ -37,6 +37,13 @@ from .errors import LayerError, OnnxcamError
 if TYPE_CHECKING:
     from .model import ModelGraph
 
+
+def static_dims_of(value_info: onnx.ValueInfoProto) -> tuple | None:
+    shape = value_info.type.tensor_type
+    if not shape.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.shape.dim)
+
 #: Prefix tokens larger than this are not believed (CLS + distillation + a few registers).
 MAX_PREFIX = 16
 
@@ -74,6 +81,8 @@ class TokenIndex:
     def __init__(self, graph: ModelGraph, override: TokenGrid | None = None):
         self.graph = graph
         self.override = override
+        self._initializer_dims = {t.name: tuple(t.dims) for t in graph.model.graph.initializer}
+        self._stream = self._stream_length()
         self._sources = self._grid_sources()
         self._prefixes = self._concat_prefixes()
         self.tensors: dict[str, TokenTensor] = {}
@@ -101,6 +110,18 @@ class TokenIndex:
         if grid is None and not why:
             return None
         return TokenTensor(name, tokens, channels, grid, why)
+
+    def _stream_length(self) -> int | None:
+        """The most common token count of [N, T, C] tensors: the residual stream's."""
+        counts: dict[int, int] = {}
+        for name, vi in self.graph.value_info.items():
+            dims = static_dims_of(vi)
+            if dims is not None and len(dims) == 3 and isinstance(dims[1], int) and self._is_batch(dims[0]):
+                counts[dims[1]] = counts.get(dims[1], 0) + 1
+        return max(counts, key=counts.get) if counts else None
+
+    def _dims(self, name: str):
+        return self._initializer_dims.get(name) or self.graph.dims(name)
 
     def _is_batch(self, dim) -> bool:
         want = (self.graph.dims(self.graph.input.name) or (None,))[0]
@@ -139,7 +160,7 @@ class TokenIndex:
                 dims = self.graph.dims(node.output[0])
                 axis = _attribute(node, "axis", 0)
                 if dims is not None and len(dims) == 3 and axis in (1, -2):
-                    constant = [self.graph.dims(i) for i in node.input if i not in variable]
+                    constant = [self._dims(i) for i in node.input if i not in variable]
                     sizes = [d[1] for d in constant if d is not None and len(d) == 3]
                     if len(sizes) == len(constant) and all(isinstance(s, int) for s in sizes):
                         value = sum(sizes)
@@ -157,6 +178,8 @@ class TokenIndex:
             if 0 <= prefix <= MAX_PREFIX:
                 return TokenGrid(prefix, *source), ""
             return None, ""  # not one token per position: windows, or channels on axis 1
+        if tokens != self._stream:
+            return None, ""  # grids by factoring are believed for the residual stream only
         prefix = self._prefixes.get(name, 0)
         if self.graph.static_input_hw() is None:
             return None, "the input size is dynamic (give --size H W)"
@@ -164,7 +187,9 @@ class TokenIndex:
         if len(shapes) == 1:
             return TokenGrid(prefix, *shapes[0]), ""
         if not shapes:
-            return None, ""
+            height, width = self.graph.static_input_hw()
+            return None, (f"{tokens - prefix} tokens (after {prefix} prefix tokens found in the graph) fit "
+                          f"no grid of square patches of a {height}x{width} input")
         listed = ", ".join(f"{h}x{w}" for h, w in shapes[:4])
         return None, (f"{tokens} tokens with {prefix} prefix fit several grids ({listed}) and no "
                       "patch-embedding tensor says which")
@@ -203,6 +228,13 @@ def to_nchw(array: np.ndarray, grid: TokenGrid) -> np.ndarray:
     patches = array[..., grid.prefix:, :]
     shaped = patches.reshape(patches.shape[:-2] + (grid.h, grid.w, patches.shape[-1]))
     return np.moveaxis(shaped, -1, -3)
+
+
+def emit_to_nchw(b, tensor, grid: TokenGrid):
+    """:func:`to_nchw` as graph nodes (``b`` an :class:`onnxcam.autodiff.Emitter`), for the
+    self-explaining export: Slice off the prefix, Reshape to (N, h, w, C), Transpose."""
+    patches = b.slice(tensor, [grid.prefix], [np.iinfo(np.int64).max], [1])
+    return b.transpose(b.reshape(patches, [0, grid.h, grid.w, -1]), [0, 3, 1, 2])
 
 
 # -- the default layer ------------------------------------------------------------------------
@@ -264,8 +296,8 @@ def feeds_attention(graph: ModelGraph, upstream: set[str]) -> set[str]:
     mixing: list[str] = []
     for node in graph.model.graph.node:
         if node.op_type == "Softmax" and node.output[0] in upstream:
-            mixing += [c.output[0] for c in graph.consumers.get(node.output[0], [])
-                       if c.op_type == "MatMul" and c.output[0] in upstream]
+            mixing += [i for c in graph.consumers.get(node.output[0], [])
+                       if c.op_type == "MatMul" and c.output[0] in upstream for i in c.input]
     alive: set[str] = set()
     for name in mixing:
         alive |= graph.ancestors(name)
