@@ -52,6 +52,12 @@ UNFUSED_HINT = ("export the model without fused attention: torch.onnx.export(...
                 "optimizer (onnxruntime.transformers.optimizer), which fuses them")
 
 
+def fused_hint(ops) -> str:
+    """What to append to an autodiff "no rule" error when the ops are fused attention."""
+    fused = sorted({op for op in ops if any(op == kind for _, kind in FUSED_ATTENTION)})
+    return f"; {', '.join(fused)} is fused attention: {UNFUSED_HINT}" if fused else ""
+
+
 @dataclass(frozen=True)
 class AttentionLayers:
     """The self-attention probabilities of a model, in graph order, and how to read them."""

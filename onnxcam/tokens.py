@@ -118,7 +118,7 @@ class TokenIndex:
             dims = static_dims_of(vi)
             if dims is not None and len(dims) == 3 and isinstance(dims[1], int) and self._is_batch(dims[0]):
                 counts[dims[1]] = counts.get(dims[1], 0) + 1
-        return max(counts, key=counts.get) if counts else None
+        return max(counts, key=lambda t: (counts[t], t)) if counts else None  # ties: the longer (with prefix)
 
     def _dims(self, name: str):
         return self._initializer_dims.get(name) or self.graph.dims(name)

@@ -231,10 +231,44 @@ def test_unreadable_grid_is_an_error_that_asks_for_grid_and_prefix():
     assert explainer.explain(x, "gradcam").heatmaps.shape == (1, 32, 32)
 
 
-def test_fused_attention_is_refused_with_the_op_and_the_export_to_use():
+def _fused_attention_model():
+    """The patchify model with its token mixing done by one com.microsoft Attention node."""
     model = _patchify_model(32, 32, 8, prefix=1)
-    node = helper.make_node("Attention", ["act", "qkv_w", "qkv_b"], ["fused"], domain="com.microsoft", num_heads=1)
-    model.graph.node.append(node)
+    graph = model.graph
+    rng = np.random.default_rng(1)
+    graph.initializer.extend([onnx.numpy_helper.from_array(rng.standard_normal((8, 24)).astype(np.float32), "qkv_w"),
+                              onnx.numpy_helper.from_array(np.zeros(24, np.float32), "qkv_b")])
+    mixing = [n for n in graph.node if n.output[0] in ("actT", "scores", "attn", "mixed")]
+    position = list(graph.node).index(mixing[0])
+    for node in mixing:
+        graph.node.remove(node)
+    graph.node.insert(position, helper.make_node("Attention", ["act", "qkv_w", "qkv_b"], ["mixed"],
+                                                 domain="com.microsoft", num_heads=2))
     model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def test_fused_attention_is_refused_with_the_op_and_the_export_to_use():
+    model = _fused_attention_model()
     with pytest.raises(OnnxcamError, match=r"com\.microsoft\.Attention.*opset_version"):
         find_attention(ModelGraph(model), "logits")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    with pytest.raises(OnnxcamError, match=r"Attention is fused attention.*opset_version"):
+        Explainer(model, layer="act", cache=False).explain(x, "gradcam")
+
+
+def test_several_targets_through_the_head_equal_separate_calls():
+    """The head cut at a token layer (the residual stream bypasses it: a frontier input) gives
+    the same maps as one call per class."""
+    refs = np.load(FIXTURES / "vit.npz")
+    explainer = Explainer(FIXTURES / "vit_dynamo.onnx", cache=False)
+    together = explainer.explain(refs["x"], "gradcam", [[3, 5]]).heatmaps
+    for t, cls in enumerate((3, 5)):
+        alone = explainer.explain(refs["x"], "gradcam", cls).heatmaps
+        np.testing.assert_allclose(together[:, t], alone, atol=1e-5)
+
+
+def test_ablationcam_on_tokens_says_why_not():
+    explainer = Explainer(FIXTURES / "vit_ts.onnx", cache=False)
+    with pytest.raises(OnnxcamError, match="prefix tokens cannot be rebuilt"):
+        explainer.explain(np.load(FIXTURES / "vit.npz")["x"], "ablationcam")

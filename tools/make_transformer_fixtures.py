@@ -38,14 +38,15 @@ classes (3, 5):
   rows of the tokens the head reads (ViT: CLS; DeiT: CLS and distillation), the prefix dropped,
   scaled and resized by pytorch-grad-cam's ``scale_cam_image``.
 
-``--full`` also checks the full-size torchvision ``vit_b_16``, ``swin_t`` and timm
+``--full`` instead checks the full-size torchvision ``vit_b_16``, ``swin_t`` and timm
 ``deit_tiny_distilled_patch16_224`` (224x224, both exporters) the same way without writing
 fixtures, prints every correlation, and times ViT-B/16 on CPU (onnxcam Grad-CAM, rollout,
 gradient rollout vs the plain forward of the exported model in onnxruntime, medians).
 
 Usage::
 
-    python tools/make_transformer_fixtures.py [--out tests/fixtures/transformers] [--full]
+    python tools/make_transformer_fixtures.py [--out tests/fixtures/transformers] [--only vit deit]
+    python tools/make_transformer_fixtures.py --full [--only vit_b_16 swin_t deit_tiny_distilled]
 """
 
 from __future__ import annotations
@@ -317,12 +318,13 @@ def compare(path: Path, refs: dict, layer: str) -> dict[str, float]:
     explainer = Explainer(path, cache=False)
     default = next(l for l in explainer.layers() if l.default)
     print(f"  {path.name}: default {default.name} ({default.kind}), reference layer {layer}")
+    at_layer = Explainer(path, layer=layer, cache=False)
     results = {}
     for key in sorted(k for k in refs if ":" in k):
         method, which = key.split(":")
-        targets = None if which == "top1" else list(refs["classes"])
-        explainer_at = explainer if method in ("rollout", "gradient-rollout") else Explainer(path, layer=layer, cache=False)
-        maps = explainer_at.explain(refs["x"], method, targets).heatmaps
+        targets = None if which == "top1" else [int(c) for c in refs["classes"]]
+        chosen = explainer if method in ("rollout", "gradient-rollout") else at_layer
+        maps = chosen.explain(refs["x"], method, targets).heatmaps
         results[key] = correlation(maps, refs[key])
     return results
 
@@ -341,6 +343,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="model names")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.full:
+        full(args.only)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     provenance = {"torch": torch.__version__, "onnx": onnx.__version__, "command": " ".join(sys.argv)}
     for name, spec in small_models().items():
@@ -355,8 +360,6 @@ def main() -> None:
         write(args.out, name, refs, layers)
         print(name, layers, {k: v.shape for k, v in refs.items() if ":" in k})
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
-    if args.full:
-        full(args.only)
 
 
 def full(only) -> None:
