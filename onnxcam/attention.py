@@ -121,26 +121,43 @@ def rollout(attentions: list[np.ndarray], layers: AttentionLayers) -> np.ndarray
     r"""Attention Rollout (Abnar & Zuidema 2020): :math:`R = \prod_l \hat A_l`,
     :math:`\hat A_l = \mathrm{rownorm}(\frac12 E_h[A_l] + \frac12 I)`. ``attentions`` are
     (N, heads, T, T) in graph order; returns the raw maps (N, h, w)."""
-    batch, tokens = attentions[0].shape[0], attentions[0].shape[-1]
-    eye = np.eye(tokens)
-    relevance = np.broadcast_to(eye, (batch, tokens, tokens))
-    for A in attentions:
-        mixed = 0.5 * A.astype(np.float64).mean(axis=1) + 0.5 * eye
-        mixed /= mixed.sum(axis=-1, keepdims=True)
-        relevance = mixed @ relevance
-    return _patch_map(relevance, layers)
+    eye = np.eye(attentions[0].shape[-1])
+    return _patch_map(rollout_relevance([A.astype(np.float64) for A in attentions], eye), layers)
 
 
 def gradient_rollout(attentions: list[np.ndarray], gradients: list[np.ndarray],
                      layers: AttentionLayers) -> np.ndarray:
     r"""Chefer, Gur & Wolf 2021: :math:`R \leftarrow R + E_h[(\nabla A_l \odot A_l)^+] R`, from
     :math:`R = I`. (N, heads, T, T) arrays in graph order; returns the raw maps (N, h, w)."""
-    batch, tokens = attentions[0].shape[0], attentions[0].shape[-1]
-    relevance = np.broadcast_to(np.eye(tokens), (batch, tokens, tokens))
+    eye = np.eye(attentions[0].shape[-1])
+    return _patch_map(gradient_rollout_relevance([A.astype(np.float64) for A in attentions],
+                                                 [G.astype(np.float64) for G in gradients], eye), layers)
+
+
+def rollout_relevance(attentions, eye):
+    """The rollout recurrence on (N, heads, T, T) arrays; written with operators only, so the
+    self-explaining export runs it unchanged on graph tensors (:class:`onnxcam.export.Traced`)."""
+    relevance = eye
+    for A in attentions:
+        mixed = 0.5 * A.mean(axis=1) + 0.5 * eye
+        relevance = (mixed / mixed.sum(axis=-1, keepdims=True)) @ relevance
+    return relevance
+
+
+def gradient_rollout_relevance(attentions, gradients, eye):
+    """Chefer et al.'s recurrence, operators only (see :func:`rollout_relevance`)."""
+    relevance = eye
     for A, G in zip(attentions, gradients):
-        weighted = np.maximum(G.astype(np.float64) * A, 0).mean(axis=1)
-        relevance = relevance + weighted @ relevance
-    return _patch_map(relevance, layers)
+        relevance = relevance + np.maximum(G * A, 0).mean(axis=1) @ relevance
+    return relevance
+
+
+def emit_patch_map(b, relevance, layers: AttentionLayers):
+    """:func:`_patch_map` as graph nodes (``b`` an Emitter): rows gathered and averaged, the
+    prefix columns sliced off, (N, h, w)."""
+    rows = b.reduce_mean(b.op("Gather", relevance, b.ints(list(layers.rows)), axis=1), [1], keepdims=False)
+    patches = b.slice(rows, [layers.grid.prefix], [np.iinfo(np.int64).max], [1])
+    return b.reshape(patches, [0, layers.grid.h, layers.grid.w])
 
 
 def _patch_map(relevance: np.ndarray, layers: AttentionLayers) -> np.ndarray:

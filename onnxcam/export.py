@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -46,6 +47,8 @@ from .head import linear_head
 from .methods import METHODS, Method
 from .model import Layer, opset_of
 from .tokens import emit_to_nchw
+from .attention import (AttentionLayers, emit_patch_map, find_attention, gradient_rollout_relevance,
+                        rollout_relevance)
 from .surgery import METADATA_KEY, SEED, RewriteRequest, cached_rewrite
 
 TARGET = "target"
@@ -60,11 +63,12 @@ _H_AXIS = {"NCHW": 2, "NHWC": 1}
 
 def exportable_methods() -> list[str]:
     """Methods whose map is one formula on (A, G) or on A and the head's weights: gradient
-    methods without a principal component, and CAM. Score-CAM, Ablation-CAM (data-dependent
+    methods without a principal component, and CAM; and for transformers the attention
+    rollouts (a product over the attention layers). Score-CAM, Ablation-CAM (data-dependent
     numbers of extra runs), Eigen-CAM / Eigen-Grad-CAM (an SVD) and the pixel-space methods
     (sampling, other rectifier rules) are not."""
     return [m.name for m in METHODS.values()
-            if (m.kind == "gradient" and m.projection is None) or m.kind == "graph"]
+            if (m.kind == "gradient" and m.projection is None) or m.kind in ("graph", "attention")]
 
 
 def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "gradcam",
@@ -81,7 +85,9 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
     spec = _exportable(method)
     explainer = Explainer(model, layer=layer, output=output, input_size=input_size, grid=grid, prefix=prefix)
     chosen = explainer.targets_layers[0]
-    request = RewriteRequest((chosen.name,), explainer.logits_name, gradient=spec.needs_gradient)
+    found = find_attention(explainer.graph, explainer.logits_name) if spec.kind == "attention" else None
+    gradient = spec.needs_gradient or spec.name == "gradient-rollout"
+    request = RewriteRequest(found.names if found else (chosen.name,), explainer.logits_name, gradient=gradient)
     rewritten, _ = cached_rewrite(explainer.graph.model, request, explainer.source)
     graph = gs.import_onnx(rewritten.model)
     b = Emitter(graph, opset_of(rewritten.model), np.float32, prefix="onnxcam_export")
@@ -92,17 +98,22 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
     image, logits = tensors[rewritten.input], tensors[rewritten.logits]
     target = gs.Variable(TARGET, np.int64, [(image.shape or [None])[0]])
     target_class = _target_class(b, target, logits)
-    A = _to_nchw(b, tensors[chosen.name], chosen)
-    if spec.needs_gradient:
+    if found is not None:
+        if gradient:
+            _feed_seed(graph, tensors[SEED], _one_hot(b, target_class, logits))
+        raw = Traced(b, _attention_map(b, found, tensors, rewritten, image, gradient))
+    elif spec.needs_gradient:
+        A = _to_nchw(b, tensors[chosen.name], chosen)
         _feed_seed(graph, tensors[SEED], _one_hot(b, target_class, logits))
         raw = spec.raw_map(Traced(b, A), Traced(b, _to_nchw(b, tensors[rewritten.gradients[chosen.name]], chosen)))
     else:
+        A = _to_nchw(b, tensors[chosen.name], chosen)
         raw = spec.raw_map(Traced(b, A), None, Traced(b, _cam_weights(b, explainer, chosen, target_class)))
     heatmap = _post_process(b, raw.tensor, _input_hw(b, image, explainer.input_layout))
     _finish_outputs(graph, explainer, rewritten.logits, target, heatmap, target_class)
     exported = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
     exported.ir_version = IR_FOR_OPSET.get(max(opset_of(exported), 13), 10)
-    _set_metadata(exported, explainer, spec, chosen)
+    _set_metadata(exported, explainer, spec, chosen if found is None else replace(chosen, name=",".join(found.names)))
     return exported
 
 
@@ -116,7 +127,6 @@ _NOT_IN_GRAPH = {
     "perturbation": "needs one extra model run per channel",
     "pixel": "is a pixel-space method (noise samples, path integrals or guided ReLU gradients)",
     "projection": "needs an SVD per image",
-    "attention": "reads every attention layer's probabilities (use the Explainer)",
 }
 
 
@@ -168,6 +178,22 @@ def _cam_weights(b: Emitter, explainer: Explainer, layer: Layer, target_class: g
     :func:`onnxcam.head.linear_head`): for a one-hot seed, W's row ``t``, gathered exactly."""
     head = linear_head(explainer.graph, layer.name, explainer.logits_name).astype(np.float32)
     return b.op("Gather", b.const(head), target_class, axis=0)
+
+
+def _attention_map(b: Emitter, found: AttentionLayers, tensors, rewritten, image: gs.Tensor,
+                   gradient: bool) -> gs.Tensor:
+    """attention.py's rollout recurrences run on the graph's attention probabilities (and
+    their gradients) as (N, heads, T, T), then the pooled rows over the patches, (N, h, w)."""
+    tokens = found.grid.tokens
+    per_head = b.concat([b.shape(image, end=1), b.ints([-1, tokens, tokens])], axis=0)
+    probabilities = [Traced(b, b.reshape(tensors[n], per_head)) for n in found.names]
+    eye = np.eye(tokens, dtype=np.float32)
+    if gradient:
+        grads = [Traced(b, b.reshape(tensors[rewritten.gradients[n]], per_head)) for n in found.names]
+        relevance = gradient_rollout_relevance(probabilities, grads, eye)
+    else:
+        relevance = rollout_relevance(probabilities, eye)
+    return emit_patch_map(b, relevance.tensor, found)
 
 
 def _to_nchw(b: Emitter, tensor: gs.Tensor, layer: Layer) -> gs.Tensor:
@@ -297,6 +323,8 @@ class Traced:
     def __rtruediv__(self, o): return self._node("Div", o, self)
     def __pow__(self, o): return self._node("Pow", self, o)
     def __neg__(self): return self._node("Neg", self)
+    def __matmul__(self, o): return self._node("MatMul", self, o)
+    def __rmatmul__(self, o): return self._node("MatMul", o, self)
     def __eq__(self, o): return self._node("Equal", self, o)
     def __ne__(self, o): return self._node("Not", self == o)
     def __gt__(self, o): return self._node("Greater", self, o)

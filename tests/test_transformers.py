@@ -152,9 +152,17 @@ def test_export_of_a_token_layer_equals_the_explainer():
         np.testing.assert_allclose(heatmap, expected, atol=2e-6)
 
 
-def test_export_refuses_attention_methods():
-    with pytest.raises(OnnxcamError, match="attention layer"):
-        export_explained(FIXTURES / "vit_ts.onnx", "rollout")
+@pytest.mark.parametrize("method", ["rollout", "gradient-rollout"])
+def test_export_of_attention_methods_equals_the_explainer(method):
+    """attention.py's recurrences traced into the graph (float32 there, float64 in numpy)."""
+    refs = np.load(FIXTURES / "deit.npz")
+    for exporter in ("ts", "dynamo"):
+        path = FIXTURES / f"deit_{exporter}.onnx"
+        session = ort.InferenceSession(export_explained(path, method).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        heatmap, classes = session.run(["heatmap", "target_class"], {"input": refs["x"], "target": np.array([3, -1])})
+        expected = Explainer(path, cache=False).explain(refs["x"], method, [3, int(classes[1])]).heatmaps
+        np.testing.assert_allclose(heatmap, expected, atol=1e-5)
 
 
 # -- token grids without a patch-embedding convolution ---------------------------------------------
