@@ -280,3 +280,21 @@ def test_ablationcam_on_tokens_says_why_not():
     explainer = Explainer(FIXTURES / "vit_ts.onnx", cache=False)
     with pytest.raises(OnnxcamError, match="prefix tokens cannot be rebuilt"):
         explainer.explain(np.load(FIXTURES / "vit.npz")["x"], "ablationcam")
+
+
+@pytest.mark.parametrize("method", ["rollout", "gradient-rollout"])
+def test_attention_methods_keep_the_map_contract(method):
+    """As every method on the MobileNets: finite maps in [0, 1] on random and constant images,
+    several targets in one call equal one call per target."""
+    explainer = Explainer(FIXTURES / "deit_ts.onnx", cache=False)
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 3, 48, 48)).astype(np.float32)
+    for batch in (x, np.full((1, 3, 48, 48), -1.0, np.float32)):
+        heatmaps = explainer.explain(batch, method).heatmaps
+        assert heatmaps.shape == (len(batch), 48, 48)
+        assert np.isfinite(heatmaps).all() and heatmaps.min() >= 0.0 and heatmaps.max() <= 1.0
+    grid = [[3, 7, 9], [1, 2, 3]]
+    together = explainer.explain(x, method, targets=grid)
+    assert together.targets.tolist() == grid
+    for t in range(3):
+        alone = explainer.explain(x, method, targets=[grid[0][t], grid[1][t]])
+        np.testing.assert_allclose(together.heatmaps[:, t], alone.heatmaps, atol=2e-5)
