@@ -38,12 +38,6 @@ if TYPE_CHECKING:
     from .model import ModelGraph
 
 
-def static_dims_of(value_info: onnx.ValueInfoProto) -> tuple | None:
-    shape = value_info.type.tensor_type
-    if not shape.HasField("shape"):
-        return None
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.shape.dim)
-
 #: Prefix tokens larger than this are not believed (CLS + distillation + a few registers).
 MAX_PREFIX = 16
 
@@ -114,8 +108,8 @@ class TokenIndex:
     def _stream_length(self) -> int | None:
         """The most common token count of [N, T, C] tensors: the residual stream's."""
         counts: dict[int, int] = {}
-        for name, vi in self.graph.value_info.items():
-            dims = static_dims_of(vi)
+        for name in self.graph.value_info:
+            dims = self.graph.dims(name)
             if dims is not None and len(dims) == 3 and isinstance(dims[1], int) and self._is_batch(dims[0]):
                 counts[dims[1]] = counts.get(dims[1], 0) + 1
         return max(counts, key=lambda t: (counts[t], t)) if counts else None  # ties: the longer (with prefix)
@@ -131,45 +125,33 @@ class TokenIndex:
 
     # -- where the grid comes from ------------------------------------------------------------
     def _grid_sources(self) -> dict[str, tuple[int, int]]:
-        """For every tensor, the (h, w) of the nearest upstream 4-D activation of known layout
-        (propagated forward through the first input that has one)."""
-        sources: dict[str, tuple[int, int]] = {}
-        for node in self.graph.model.graph.node:
-            own = None
+        """For every tensor, the (h, w) of the nearest upstream 4-D activation of known layout."""
+        def own(node: onnx.NodeProto) -> tuple[int, int] | None:
             name = node.output[0] if node.output else ""
             layout = self.graph.layouts.get(name)
             if layout in ("NCHW", "NHWC"):
                 dims = dict(zip(layout, self.graph.dims(name) or ()))
                 if isinstance(dims.get("H"), int) and isinstance(dims.get("W"), int):
-                    own = (dims["H"], dims["W"])
-            if own is None:
-                own = next((sources[i] for i in node.input if i in sources), None)
-            if own is not None:
-                for out in node.output:
-                    sources[out] = own
-        return sources
+                    return dims["H"], dims["W"]
+            return None
+        return _propagate(self.graph, own)
 
     def _concat_prefixes(self) -> dict[str, int]:
         """Tokens added along the token axis by Concats of image-independent tensors (the CLS
-        token, distillation and register tokens), propagated forward."""
+        token, distillation and register tokens)."""
         variable = _downstream_of_input(self.graph)
-        prefixes: dict[str, int] = {}
-        for node in self.graph.model.graph.node:
-            value = None
-            if node.op_type == "Concat" and len(node.input) > 1:
-                dims = self.graph.dims(node.output[0])
-                axis = _attribute(node, "axis", 0)
-                if dims is not None and len(dims) == 3 and axis in (1, -2):
-                    constant = [self._dims(i) for i in node.input if i not in variable]
-                    sizes = [d[1] for d in constant if d is not None and len(d) == 3]
-                    if len(sizes) == len(constant) and all(isinstance(s, int) for s in sizes):
-                        value = sum(sizes)
-            if value is None:
-                value = next((prefixes[i] for i in node.input if i in prefixes), None)
-            if value is not None:
-                for out in node.output:
-                    prefixes[out] = value
-        return prefixes
+
+        def own(node: onnx.NodeProto) -> int | None:
+            dims = self.graph.dims(node.output[0])
+            if node.op_type != "Concat" or len(node.input) < 2 or dims is None or len(dims) != 3:
+                return None
+            if _attribute(node, "axis", 0) not in (1, -2):
+                return None
+            constant = [self._dims(i) for i in node.input if i not in variable]
+            sizes = [d[1] for d in constant if d is not None and len(d) == 3]
+            ok = len(sizes) == len(constant) and all(isinstance(v, int) for v in sizes)
+            return sum(sizes) if ok else None
+        return _propagate(self.graph, own)
 
     def _grid(self, name: str, tokens: int) -> tuple[TokenGrid | None, str]:
         source = self._sources.get(name)
@@ -329,6 +311,20 @@ def ambiguous_error(source: str, tensor: TokenTensor) -> LayerError:
                       "(API: Explainer(..., grid=(H, W), prefix=P))")
 
 
+def _propagate(graph: ModelGraph, own) -> dict:
+    """A value per tensor: ``own(node)`` for a node's outputs where it says, else the value of
+    the node's first input that has one (forward, in the graph's topological order)."""
+    values: dict = {}
+    for node in graph.model.graph.node:
+        value = own(node)
+        if value is None:
+            value = next((values[i] for i in node.input if i in values), None)
+        if value is not None:
+            for out in node.output:
+                values[out] = value
+    return values
+
+
 def _downstream_of_input(graph: ModelGraph) -> set[str]:
     seen = {graph.input.name}
     for node in graph.model.graph.node:
@@ -352,7 +348,4 @@ def _constant(graph: ModelGraph, name: str) -> np.ndarray | None:
 
 
 def _attribute(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
