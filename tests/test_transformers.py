@@ -298,3 +298,27 @@ def test_attention_methods_keep_the_map_contract(method):
     for t in range(3):
         alone = explainer.explain(x, method, targets=[grid[0][t], grid[1][t]])
         np.testing.assert_allclose(together.heatmaps[:, t], alone.heatmaps, atol=2e-5)
+
+
+def test_channels_last_blocks_keep_their_layout_through_layernorm_and_linear():
+    """ConvNeXt-style: Conv -> permute to NHWC -> LayerNorm -> Linear (MatMul on the last axis)
+    -> permute back -> pooling. The NHWC tensors are layers too, with their channel counts."""
+    rng = np.random.default_rng(0)
+    init = {"w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "scale": np.ones(8, np.float32),
+            "bias": np.zeros(8, np.float32), "fc": rng.standard_normal((8, 12)).astype(np.float32),
+            "head": rng.standard_normal((12, 5)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["conv"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("LayerNormalization", ["nhwc", "scale", "bias"], ["norm"], axis=-1),
+        helper.make_node("MatMul", ["norm", "fc"], ["linear"]),
+        helper.make_node("Transpose", ["linear"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("GlobalAveragePool", ["nchw"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "head"], ["logits"]),
+    ]
+    model = build_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])], init, opset=17)
+    layers = {l.name: (l.shape, l.kind) for l in Explainer(model, cache=False).layers()}
+    assert layers["norm"] == ((8, 8, 8), "NHWC") and layers["linear"] == ((12, 8, 8), "NHWC")
+    assert next(l for l in Explainer(model, cache=False).layers() if l.default).name == "nchw"
