@@ -12,7 +12,9 @@ Which models run, by method kind (:data:`onnxcam.methods.KINDS`):
 * scorecam: the forward model on masked inputs; ablationcam: the head on ablated activations
   (:mod:`onnxcam.perturbation`); every class's logits come from each run, so several targets
   cost nothing extra;
-* pixel-space methods: the rewritten model with the input gradient (:mod:`onnxcam.pixel`).
+* pixel-space methods: the rewritten model with the input gradient (:mod:`onnxcam.pixel`);
+* attention methods (rollout, gradient-rollout): every self-attention's probabilities, and
+  their gradients, exposed by one rewritten model (:mod:`onnxcam.attention`).
 
 A target is a *seed vector* ``s`` over the logits: the explained score is ``s . logits`` (a
 one-hot ``s`` for a class).
