@@ -391,7 +391,7 @@ class Explainer:
         started = time.perf_counter()
         forward = _Lazy(lambda: self.forward(x))
         in_graph_top1 = not wanted.multi and (
-            spec.kind == "gradient" or spec.name in ("saliency", "guided-backprop", "guided-gradcam"))
+            spec.kind in ("gradient", "attention") or spec.name in ("saliency", "guided-backprop", "guided-gradcam"))
         if wanted.seeds is None and not in_graph_top1:
             wanted = wanted.resolve(forward()[self.logits_name])
         step = {"gradient": self._gradient_parts, "activation": self._activation_parts,

@@ -322,3 +322,16 @@ def test_channels_last_blocks_keep_their_layout_through_layernorm_and_linear():
     layers = {l.name: (l.shape, l.kind) for l in Explainer(model, cache=False).layers()}
     assert layers["norm"] == ((8, 8, 8), "NHWC") and layers["linear"] == ((12, 8, 8), "NHWC")
     assert next(l for l in Explainer(model, cache=False).layers() if l.default).name == "nchw"
+
+
+@pytest.mark.parametrize("method", ["rollout", "gradient-rollout"])
+def test_attention_methods_are_one_run(method, monkeypatch):
+    """Top-1 targets are chosen from the logits of the same run (in-graph for the gradient)."""
+    explainer = Explainer(FIXTURES / "deit_ts.onnx", cache=False)
+    x = np.load(FIXTURES / "deit.npz")["x"]
+    calls = []
+    original = explainer.run_model
+    monkeypatch.setattr(explainer, "run_model", lambda *a, **k: calls.append(1) or original(*a, **k))
+    result = explainer.explain(x, method)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(result.targets, result.logits.argmax(axis=1))
