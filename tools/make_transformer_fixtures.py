@@ -47,6 +47,7 @@ Usage::
 
     python tools/make_transformer_fixtures.py [--out tests/fixtures/transformers] [--only vit deit]
     python tools/make_transformer_fixtures.py --full [--only vit_b_16 swin_t deit_tiny_distilled]
+    python tools/make_transformer_fixtures.py --time 5      # ViT-B/16 timings only
 """
 
 from __future__ import annotations
@@ -341,8 +342,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "transformers")
     parser.add_argument("--full", action="store_true", help="also check the full-size models and time ViT-B/16")
     parser.add_argument("--only", nargs="*", help="model names")
+    parser.add_argument("--time", type=int, metavar="ROUNDS", help="only time ViT-B/16 (ROUNDS round-robin rounds)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.time:
+        time_vit_b_16(args.time)
+        return
     if args.full:
         full(args.only)
         return
@@ -383,27 +388,40 @@ def full(only) -> None:
 
 
 def timings(path: Path, size, repeats: int = 5) -> None:
-    """ViT-B/16 on CPU, batch 1: onnxcam methods vs the plain onnxruntime forward, medians."""
+    """ViT-B/16 on CPU, batch 1: onnxcam methods vs the plain onnxruntime forward of the same
+    export, run round-robin (one of each per round, after a warm-up round) so that a change of
+    machine load hits all alike; medians."""
     from onnxcam import Explainer
 
     x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def median(fn) -> float:
-        fn()
-        runs = []
-        for _ in range(repeats):
+    explainer = Explainer(path, provider="cpu", cache=False)
+    runs = {"forward": lambda: session.run(None, {"input": x})}
+    runs.update({m: (lambda m=m: explainer.explain(x, m)) for m in ("gradcam", "rollout", "gradient-rollout")})
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(repeats + 1):
+        for name, fn in runs.items():
             started = time.perf_counter()
             fn()
-            runs.append(time.perf_counter() - started)
-        return float(np.median(runs))
+            if round_:
+                seconds[name].append(time.perf_counter() - started)
+    medians = {name: float(np.median(values)) for name, values in seconds.items()}
+    print(f"  {path.name} CPU batch 1 ({os.cpu_count()} cores, onnxruntime default threads), "
+          f"medians of {repeats} round-robin rounds: forward {medians['forward'] * 1e3:.0f} ms")
+    for name in ("gradcam", "rollout", "gradient-rollout"):
+        print(f"    {name:<18} {medians[name] * 1e3:7.0f} ms  = {medians[name] / medians['forward']:.2f} x forward")
 
-    forward = median(lambda: session.run(None, {"input": x}))
-    explainer = Explainer(path, provider="cpu", cache=False)
-    print(f"  ViT-B/16 CPU batch 1 ({os.cpu_count()} cores), medians of {repeats}: forward {forward * 1e3:.0f} ms")
-    for method in ("gradcam", "rollout", "gradient-rollout"):
-        t = median(lambda: explainer.explain(x, method))
-        print(f"    {method:<18} {t * 1e3:7.0f} ms  = {t / forward:.2f} x forward")
+
+def time_vit_b_16(repeats: int) -> None:
+    """Only the ViT-B/16 timings (TorchScript export, random weights)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = perturbed(torchvision.models.vit_b_16(weights=None), 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vit_b_16_ts.onnx"
+        export(model, (224, 224), path, dynamo=False)
+        timings(path, (224, 224), repeats)
 
 
 if __name__ == "__main__":
