@@ -1,7 +1,8 @@
 """Vision transformers: token layers, NHWC stages, default layers and attention methods.
 
 The fixtures (``tests/fixtures/transformers``) are small random-weight torchvision ViT and Swin,
-timm DeiT (distilled: two prefix tokens) and a mean-pooled timm ViT on a non-square input, each
+timm DeiT (distilled: two prefix tokens), a timm ViT with 4 register tokens and a mean-pooled
+timm ViT on a non-square input, each
 exported by the TorchScript and the dynamo exporter, with pytorch-grad-cam's maps (its tutorials'
 layers and reshape transforms) and rollout / gradient-weighted rollout computed in torch from
 the papers' equations: ``tools/make_transformer_fixtures.py``.
@@ -26,9 +27,10 @@ from onnxcam.tokens import TokenGrid, factor_grids
 from tests.tiny_models import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transformers"
-CASES = [(name, exporter) for name in ("vit", "deit", "swin", "vitgap") for exporter in ("ts", "dynamo")]
+CASES = [(name, exporter) for name in ("vit", "deit", "vitreg", "swin", "vitgap") for exporter in ("ts", "dynamo")]
 #: (prefix, grid) of the reference layer of each model; Swin's is NHWC
-KINDS = {"vit": "tokens (prefix 1, grid 6x6)", "deit": "tokens (prefix 2, grid 6x6)", "swin": "NHWC",
+KINDS = {"vit": "tokens (prefix 1, grid 6x6)", "deit": "tokens (prefix 2, grid 6x6)",
+         "vitreg": "tokens (prefix 5, grid 6x6)", "swin": "NHWC",
          "vitgap": "tokens (prefix 0, grid 4x6)"}
 
 
@@ -70,9 +72,11 @@ def test_parity_with_pytorch_grad_cam(case, method):
 
 
 @pytest.mark.parametrize("method", ["rollout", "gradient-rollout"])
-@pytest.mark.parametrize("name,exporter", [(n, e) for n, e in CASES if n in ("vit", "deit")])
+@pytest.mark.parametrize("name,exporter", [(n, e) for n, e in CASES if n in ("vit", "deit", "vitreg")])
 def test_attention_methods_match_the_papers_equations(name, exporter, method):
-    """Global-attention models (the references: ViT, DeiT); Swin's window attention is refused below."""
+    """Global-attention models (the references: ViT, DeiT, ViT with registers: rows of the
+    tokens the head reads, CLS and distillation, never registers); Swin's window attention is
+    refused below."""
     refs = np.load(FIXTURES / f"{name}.npz")
     explainer = Explainer(FIXTURES / f"{name}_{exporter}.onnx", cache=False)
     for which, targets in (("top1", None), ("classes", [int(c) for c in refs["classes"]])):

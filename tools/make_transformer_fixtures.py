@@ -13,6 +13,7 @@ zero-initialised heads and unit LayerNorms do not make maps trivial; nothing dow
   patch 8, 2 layers, width 32), CLS-pooled;
 * ``deit``: timm ``deit_tiny_distilled_patch16_224`` with ``img_size=48, patch_size=8, depth=2``
   (CLS + distillation token: two prefix tokens, both read by the head);
+* ``vitreg``: timm ``VisionTransformer`` with 4 register tokens (prefix 5, the head reads CLS);
 * ``swin``: torchvision ``SwinTransformer`` (swin_t's architecture: patch 4, window 4, depths
   [2, 2], width 16, 64x64 input): NHWC stages with shifted windows, mean-pooled;
 * ``vitgap``: timm ``VisionTransformer`` without class token, ``global_pool="avg"``, a
@@ -102,6 +103,9 @@ def small_models() -> dict:
         "swin": dict(model=perturbed(SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                                      window_size=[4, 4], num_classes=10), 3),
                      size=(64, 64), kind="tv_swin"),
+        "vitreg": dict(model=perturbed(timm.models.vision_transformer.VisionTransformer(
+            img_size=48, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, reg_tokens=4), 5),
+            size=(48, 48), kind="timm_vit"),
         "vitgap": dict(model=perturbed(timm.models.vision_transformer.VisionTransformer(
             img_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10,
             class_token=False, global_pool="avg"), 4), size=(32, 48), kind="timm_gap"),
@@ -256,7 +260,8 @@ def rollout_references(model, kind: str, grid, x: torch.Tensor) -> dict[str, np.
     from pytorch_grad_cam.utils.image import scale_cam_image
 
     prefix = 1 if kind == "tv_vit" else model.num_prefix_tokens
-    rows = list(range(prefix)) if kind == "timm_vit" else [0]  # the tokens the head reads
+    # the tokens the head reads: CLS (and DeiT's distillation token), not register tokens
+    rows = list(range(prefix - model.num_reg_tokens)) if kind == "timm_vit" else [0]
     size = (x.shape[3], x.shape[2])
     out = {}
     for label, classes in (("top1", None), ("classes", CLASSES)):
