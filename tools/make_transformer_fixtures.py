@@ -347,6 +347,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "transformers")
     parser.add_argument("--full", action="store_true", help="also check the full-size models and time ViT-B/16")
     parser.add_argument("--only", nargs="*", help="model names")
+    parser.add_argument("--exporters", nargs="*", default=["ts", "dynamo"], help="with --full: ts, dynamo")
     parser.add_argument("--time", type=int, metavar="ROUNDS", help="only time ViT-B/16 (ROUNDS round-robin rounds)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -354,7 +355,7 @@ def main() -> None:
         time_vit_b_16(args.time)
         return
     if args.full:
-        full(args.only)
+        full(args.only, args.exporters)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     provenance = {"torch": torch.__version__, "onnx": onnx.__version__, "command": " ".join(sys.argv)}
@@ -372,14 +373,14 @@ def main() -> None:
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
 
 
-def full(only) -> None:
+def full(only, exporters=("ts", "dynamo")) -> None:
     """Full-size models: parity printed, nothing written; then ViT-B/16 timings."""
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in full_models().items():
             if only and name not in only:
                 continue
             refs, value = references(name, spec)
-            for exporter in ("ts", "dynamo"):
+            for exporter in exporters:
                 path = Path(tmp) / f"{name}_{exporter}.onnx"
                 started = time.perf_counter()
                 export(spec["model"], spec["size"], path, exporter == "dynamo")
