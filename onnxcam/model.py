@@ -185,7 +185,8 @@ def _shapes_from_a_run(model: onnx.ModelProto) -> onnx.ModelProto:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = large_models.session(probe, options, ["CPUExecutionProvider"])
         elem = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
-        values = session.run(None, {inputs[0].name: np.zeros([1] + list(dims[1:]), elem)})
+        # only the shapes are kept: each run's arrays are freed at once (ViT-B/16: ~0.5 GB a run)
+        values = [v.shape for v in session.run(None, {inputs[0].name: np.zeros([1] + list(dims[1:]), elem)})]
     except Exception:  # noqa: BLE001 - shapes stay unknown; the caller reports what it cannot use
         return model
     pairs = None
@@ -193,19 +194,19 @@ def _shapes_from_a_run(model: onnx.ModelProto) -> onnx.ModelProto:
         # a second run at batch 2 tells which dims follow the batch ([T, N, C] inside torch's
         # MultiheadAttention, [N*windows, ...] in Swin): those stay symbolic
         try:
-            pairs = session.run(None, {inputs[0].name: np.zeros([2] + list(dims[1:]), elem)})
+            pairs = [v.shape for v in session.run(None, {inputs[0].name: np.zeros([2] + list(dims[1:]), elem)})]
         except Exception:  # noqa: BLE001 - then only a leading 1 is taken for the batch
             pairs = None
     for index, (vi, value) in enumerate(zip(shapeless, values)):
         before = static_dims(vi) or ()
-        shape: list[int | str] = list(value.shape)
-        if pairs is not None and pairs[index].ndim == value.ndim:
-            for axis, (one, two) in enumerate(zip(value.shape, pairs[index].shape)):
+        shape: list[int | str] = list(value)
+        if pairs is not None and len(pairs[index]) == len(value):
+            for axis, (one, two) in enumerate(zip(value, pairs[index])):
                 if one != two:
                     symbol = before[axis] if axis < len(before) and isinstance(before[axis], str) else None
                     shape[axis] = (batch if isinstance(batch, str) else "batch") if (axis, one) == (0, 1) else (
                         symbol or f"onnxcam_dim_{index}_{axis}")
-        elif shape and shape[0] == 1 and not isinstance(batch, int) and value.ndim >= 2:
+        elif shape and shape[0] == 1 and not isinstance(batch, int) and len(value) >= 2:
             shape[0] = batch if isinstance(batch, str) else "batch"
         vi.type.tensor_type.ClearField("shape")
         for d in shape:
