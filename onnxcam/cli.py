@@ -90,16 +90,25 @@ def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
     return None
 
 
+GridOption = Annotated[Optional[tuple[int, int]], typer.Option(
+    "--grid", help="token layers: the patch grid H W, when the graph does not say")]
+PrefixOption = Annotated[Optional[int], typer.Option(
+    "--prefix", help="token layers: how many tokens (CLS, distillation, registers) precede the patches")]
+
+
 @app.command()
 def layers(
     model: Annotated[Path, typer.Argument(help="ONNX classifier")],
     output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     size: Annotated[Optional[tuple[int, int]], typer.Option("--size", min=1, help="input H W for dynamic-size models")] = None,
+    grid: GridOption = None,
+    prefix: PrefixOption = None,
 ) -> None:
-    """List the spatial activations that can be explained; * marks the default."""
+    """List the spatial activations that can be explained (NCHW, NHWC, transformer tokens);
+    * marks the default."""
     try:
-        explainer = Explainer(model, output=output, input_size=size)
+        explainer = Explainer(model, output=output, input_size=size, grid=grid, prefix=prefix)
         found = explainer.layers()
     except OnnxcamError as exc:
         fail(str(exc))
@@ -107,16 +116,16 @@ def layers(
     if as_json:
         kind = {"output_kind": explainer.dense.kind, "output_shape": list(explainer.dense.shape)} if explainer.dense else {}
         typer.echo(json.dumps({"logits": explainer.logits_name, "input_layout": explainer.input_layout,
-                               **kind, "layers": [l.__dict__ for l in found]}, indent=1))
+                               **kind, "layers": [{**l.__dict__, "kind": l.kind} for l in found]}, indent=1))
         return
     kind = f"   {explainer.dense.kind} output {list(explainer.dense.shape)}" if explainer.dense else ""
     typer.echo(f"explaining output: {explainer.logits_name}   input layout: {explainer.input_layout}{kind}")
     width = max(len(l.name) for l in found)
-    typer.echo(f"  {'tensor':<{width}}  {'op':<18} {'C,H,W':<16} layout")
+    typer.echo(f"  {'tensor':<{width}}  {'op':<18} {'C,H,W':<16} kind")
     for layer in found:
         mark = "*" if layer.default else " "
         shape = ",".join(map(str, layer.shape))
-        typer.echo(f"{mark} {layer.name:<{width}}  {layer.op:<18} {shape:<16} {layer.layout}")
+        typer.echo(f"{mark} {layer.name:<{width}}  {layer.op:<18} {shape:<16} {layer.kind}")
 
 
 def resolve_target(text: Optional[str], labels: Optional[list[str]]) -> Optional[int]:
@@ -193,6 +202,8 @@ def explain(
     ray: Annotated[Optional[str], typer.Option("--ray", help="run on Ray: a cluster address (ray://host:10001, auto) or 'local'")] = None,
     ray_workers: Annotated[int, typer.Option("--ray-workers", min=1, help="Ray: actors, each with its own onnxruntime session")] = 2,
     ray_gpus: Annotated[float, typer.Option("--ray-gpus", min=0.0, help="Ray: GPUs per actor (use with --provider cuda)")] = 0.0,
+    grid: GridOption = None,
+    prefix: PrefixOption = None,
 ) -> None:
     """Explain IMAGES (files, folders walked recursively, glob patterns) with MODEL; writes
     overlays, optional .npy maps, results.jsonl (resumable) and results.json. Exit status:
@@ -202,7 +213,8 @@ def explain(
         if sum(x is not None and x != [] for x in (target, topk, seed_vector)) > 1:
             raise OnnxcamError("give only one of --target, --topk and --seed-vector")
         explainer = Explainer(model, layer=layer, provider=provider, output=output,
-                              batch_size=batch_size, input_size=size, cache=not no_cache, threads=threads)
+                              batch_size=batch_size, input_size=size, cache=not no_cache, threads=threads,
+                              grid=grid, prefix=prefix)
         labels = (check_labels(load_labels(labels_file), explainer.num_classes, str(labels_file), explicit=True)
                   if labels_file else explainer.labels())
         targets = (_seed_vectors(seed_vector, explainer.num_classes) if seed_vector
@@ -266,6 +278,8 @@ def export_command(
     triton: Annotated[Optional[Path], typer.Option("--triton", help="also write a Triton model repository (config.pbtxt + 1/model.onnx)")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="rewrite the model without the rewrite cache")] = False,
     threads: Annotated[int, typer.Option("--threads", min=0, help="onnxruntime intra-op threads (0: one per core)")] = 0,
+    grid: GridOption = None,
+    prefix: PrefixOption = None,
 ) -> None:
     """Write a model that onnxruntime runs to get the logits and the heatmap (input 'target',
     outputs 'heatmap', 'target_class'); no onnxcam needed to run it. With --check EXPORTED
@@ -284,7 +298,8 @@ def export_command(
         declared = any(v is not None for v in normalization.values())
         preprocess = make_preprocess(layout="NCHW", size=size, **normalization) if declared else None
         exported = export_explained(model, method, layer=layer, output=output, input_size=size, topk=topk,
-                                    labels=labels, preprocess=preprocess, cache=not no_cache, threads=threads)
+                                    labels=labels, preprocess=preprocess, cache=not no_cache, threads=threads,
+                                    grid=grid, prefix=prefix)
     except OnnxcamError as exc:
         fail(str(exc))
         return

@@ -12,7 +12,9 @@ Which models run, by method kind (:data:`onnxcam.methods.KINDS`):
 * scorecam: the forward model on masked inputs; ablationcam: the head on ablated activations
   (:mod:`onnxcam.perturbation`); every class's logits come from each run, so several targets
   cost nothing extra;
-* pixel-space methods: the rewritten model with the input gradient (:mod:`onnxcam.pixel`).
+* pixel-space methods: the rewritten model with the input gradient (:mod:`onnxcam.pixel`);
+* attention methods (rollout, gradient-rollout): every self-attention's probabilities, and
+  their gradients, exposed by one rewritten model (:mod:`onnxcam.attention`).
 
 A target is a *seed vector* ``s`` over the logits: the explained score is ``s . logits`` (a
 one-hot ``s`` for a class).
@@ -41,6 +43,7 @@ from .surgery import SEED, RewriteRequest, Rewritten, head_frontier, rewrite
 from .targets import Targets, TargetSet, resolve_targets
 from .validate import check_class_scores, finite_rows, nonfinite_message
 from .validate_model import check_batch, checked_model
+from . import attention, tokens
 
 #: pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x [0.9, 1, 1.1].
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple(
@@ -160,11 +163,14 @@ class Explainer:
     ``threads`` the intra-op threads of every onnxruntime session (0: onnxruntime's default,
     one per core); ``cache=False`` rewrites without reading or writing the rewrite cache
     (:mod:`onnxcam.cache`). The provider is checked here, before any rewrite or image.
+    ``grid=(H, W)`` and ``prefix=P`` say how to read transformer token layers when the graph
+    does not (:mod:`onnxcam.tokens`).
     """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | Sequence[str] | None = None,
                  provider: str = "auto", output: str | None = None, cache: bool = True,
-                 batch_size: int = 16, input_size: tuple[int, int] | None = None, threads: int = 0):
+                 batch_size: int = 16, input_size: tuple[int, int] | None = None, threads: int = 0,
+                 grid: tuple[int, int] | None = None, prefix: int | None = None):
         resolve_provider(provider)  # an unknown or unusable provider fails now, before any work
         provider = str(provider).lower()
         if isinstance(model, onnx.ModelProto):
@@ -172,7 +178,7 @@ class Explainer:
         else:
             self.source, proto = str(model), load_model(model)
         proto = pin_input_size(proto, input_size, self.source)
-        self.graph = ModelGraph(proto, self.source)
+        self.graph = ModelGraph(proto, self.source, tokens.parse_grid(grid, prefix))
         self._proto = proto
         self.output = output
         self.logits_name = self.graph.logits(output)
@@ -382,12 +388,18 @@ class Explainer:
 
     def to_nchw(self, layer: Layer, array: np.ndarray) -> np.ndarray:
         """A layer tensor (batch first, maybe more leading axes) in NCHW."""
+        if layer.layout == tokens.TOKENS:
+            return tokens.to_nchw(array, layer.grid)
         if layer.layout != "NHWC":
             return array
         lead = array.ndim - 3
         return np.moveaxis(array, -1, lead)
 
     def from_nchw(self, layer: Layer, array: np.ndarray) -> np.ndarray:
+        if layer.layout == tokens.TOKENS:
+            raise OnnxcamError(f"layer '{layer.name}' holds transformer tokens: its prefix tokens cannot be "
+                               "rebuilt from a (C, h, w) map, so methods that feed modified activations back "
+                               "(ablationcam) do not apply; use scorecam or a gradient method")
         return np.ascontiguousarray(np.moveaxis(array, 1, -1) if layer.layout == "NHWC" else array)
 
     def _input_hw(self, x: np.ndarray) -> tuple[int, int]:
@@ -441,12 +453,12 @@ class Explainer:
         started = time.perf_counter()
         forward = _Lazy(lambda: self.forward(x))
         in_graph_top1 = wanted.resolver is None and not wanted.multi and (
-            spec.kind == "gradient" or spec.name in ("saliency", "guided-backprop", "guided-gradcam"))
+            spec.kind in ("gradient", "attention") or spec.name in ("saliency", "guided-backprop", "guided-gradcam"))
         if wanted.seeds is None and not in_graph_top1:
             wanted = wanted.resolve(forward()[self.logits_name])
         step = {"gradient": self._gradient_parts, "activation": self._activation_parts,
                 "graph": self._graph_parts, "perturbation": self._perturbation_parts,
-                "pixel": self._pixel_parts}[spec.kind]
+                "pixel": self._pixel_parts, "attention": self._attention_parts}[spec.kind]
         parts = step(x, spec, wanted, options, forward)
         wanted = parts.targets
         count = wanted.seeds.shape[1]
@@ -455,7 +467,7 @@ class Explainer:
                         parts.activations if spec.kind != "pixel" else None, parts.gradients)
         squeeze = (lambda a: a) if wanted.multi else (lambda a: a[:, 0])
         return Explanation(
-            squeeze(heatmaps), parts.logits, squeeze(wanted.classes), self._layer_names, spec.name,
+            squeeze(heatmaps), parts.logits, squeeze(wanted.classes), parts.layers or self._layer_names, spec.name,
             parts.provider, time.perf_counter() - started, parts.activations,
             {k: squeeze(v) for k, v in parts.gradients.items()},
             {k: squeeze(v) for k, v in parts.weights.items()}, wanted.seeds)
@@ -643,6 +655,34 @@ class Explainer:
         maps = scale_maps(pixel.pixel_map(attributions, self.input_layout))
         return _Parts(wanted, logits, session.provider, activations, gradients, weights, maps)
 
+    def _attention_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
+        """Rollout / gradient-weighted rollout from every self-attention's probabilities (and
+        their gradients) in one run (:mod:`onnxcam.attention`)."""
+        if not hasattr(self, "_attention"):
+            self._attention = attention.find_attention(self.graph, self.logits_name)
+        found = self._attention
+        gradient = spec.name == "gradient-rollout"
+        rewritten, session = self.session(RewriteRequest(found.names, self.logits_name, gradient=gradient))
+        gradients = [rewritten.gradients.get(n, "") for n in found.names] if gradient else []
+        if gradient and wanted.seeds is None:
+            x_run, seeds = x, np.zeros((len(x), self._classes()), np.float32)  # top-1 chosen in-graph
+        elif gradient:
+            x_run, seeds = np.repeat(x, wanted.seeds.shape[1], axis=0), _merge(wanted.seeds)
+        else:
+            x_run, seeds = x, None
+        feeds = {rewritten.input: x_run} if seeds is None else {rewritten.input: x_run, SEED: seeds}
+        out = self.run_model(rewritten, session, feeds, [rewritten.logits, *found.names, *gradients])
+        batch = len(x_run)
+        probabilities = [attention.per_head(out[n], batch) for n in found.names]
+        logits = out[rewritten.logits] if seeds is None or wanted.seeds is None else out[rewritten.logits][::len(x_run) // len(x)]
+        wanted = wanted.resolve(logits)
+        if gradient:
+            raw = attention.gradient_rollout(probabilities, [attention.per_head(out[g], batch) for g in gradients], found)
+        else:
+            raw = np.repeat(attention.rollout(probabilities, found), wanted.seeds.shape[1], axis=0)
+        return _Parts(wanted, logits, session.provider, maps=combine_layers([raw], self._input_hw(x)),
+                      layers=found.names)
+
     # -- channel importance -------------------------------------------------------------------
     def channels(self, x: np.ndarray, method: str = "gradcam", targets: Targets = None, k: int = 5,
                  layer: str | None = None, **options) -> ChannelImportance:
@@ -689,6 +729,8 @@ class _Parts:
     gradients: dict[str, np.ndarray] = field(default_factory=dict)
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     maps: np.ndarray | None = None
+    #: what the maps were read from, when not the explainer's layers (attention methods)
+    layers: tuple[str, ...] = ()
 
 
 def _merge(array: np.ndarray) -> np.ndarray:

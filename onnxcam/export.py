@@ -51,6 +51,9 @@ from .images import METADATA_LABELS, METADATA_PREPROCESS, Preprocess, preprocess
 from .methods import METHODS, Method
 from .model import Layer, opset_of
 from .cache import cached_rewrite
+from .tokens import emit_to_nchw
+from .attention import (AttentionLayers, emit_patch_map, find_attention, gradient_rollout_relevance,
+                        rollout_relevance)
 from .surgery import METADATA_KEY, SEED, RewriteRequest, Rewritten, rewrite
 
 TARGET = "target"
@@ -65,23 +68,26 @@ _H_AXIS = {"NCHW": 2, "NHWC": 1}
 
 def exportable_methods() -> list[str]:
     """Methods whose map is one formula on (A, G) or on A and the head's weights: gradient
-    methods without a principal component, and CAM. Score-CAM, Ablation-CAM (data-dependent
+    methods without a principal component, and CAM; and for transformers the attention
+    rollouts (a product over the attention layers). Score-CAM, Ablation-CAM (data-dependent
     numbers of extra runs), Eigen-CAM / Eigen-Grad-CAM (an SVD) and the pixel-space methods
     (sampling, other rectifier rules) are not."""
     return [m.name for m in METHODS.values()
-            if (m.kind == "gradient" and m.projection is None) or m.kind == "graph"]
+            if (m.kind == "gradient" and m.projection is None) or m.kind in ("graph", "attention")]
 
 
 def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "gradcam",
                      layer: str | None = None, output: str | None = None,
                      input_size: tuple[int, int] | None = None, topk: int | None = None,
                      labels: Sequence[str] | None = None, preprocess: Preprocess | None = None,
-                     cache: bool = True, threads: int = 0) -> onnx.ModelProto:
+                     cache: bool = True, threads: int = 0, grid: tuple[int, int] | None = None,
+                     prefix: int | None = None) -> onnx.ModelProto:
     """The model with ``target`` in and ``heatmap``, ``target_class`` out (module docstring).
 
-    ``layer``, ``output`` (which model output to explain) and ``input_size`` (H, W for models
-    with a dynamic size) mean what they mean for :class:`onnxcam.explainer.Explainer`; the
-    heatmaps equal ``Explainer(model, layer).explain(x, method, targets).heatmaps``.
+    ``layer``, ``output`` (which model output to explain), ``input_size`` (H, W for models
+    with a dynamic size), ``grid`` and ``prefix`` (token layers) mean what they mean for
+    :class:`onnxcam.explainer.Explainer`; the heatmaps equal
+    ``Explainer(model, layer).explain(x, method, targets).heatmaps``.
 
     ``topk=K`` exports the K best classes at once instead: no ``target`` input, ``heatmap``
     [N, K, H, W] and ``target_class`` [N, K] (ONNX TopK: best first, ties to the lower index,
@@ -97,16 +103,21 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
     if topk is not None and int(topk) < 1:
         raise OnnxcamError(f"topk must be at least 1, got {topk}")
     explainer = Explainer(model, layer=layer, output=output, input_size=input_size, cache=cache,
-                          threads=threads)
+                          threads=threads, grid=grid, prefix=prefix)
     if explainer.dense is not None:
         raise OnnxcamError(f"{explainer.source}: output '{explainer.logits_name}' is a {explainer.dense.kind} "
                            "output; the self-explaining export takes class-score outputs [N, C] only")
     chosen = explainer.targets_layers[0]
+    found = find_attention(explainer.graph, explainer.logits_name) if spec.kind == "attention" else None
+    gradient = spec.needs_gradient or spec.name == "gradient-rollout"
     classes = explainer.num_classes
     if topk is not None and classes is not None and topk > classes:
         raise OnnxcamError(f"topk must be at most the class count {classes}, got {topk}")
+    if topk is not None and found is not None:
+        raise OnnxcamError(f"--topk exports maps computed at one layer; '{spec.name}' reads every attention "
+                           "layer: export it one class per run (the target input)")
     if topk is None:
-        request = RewriteRequest((chosen.name,), explainer.logits_name, gradient=spec.needs_gradient)
+        request = RewriteRequest(found.names if found else (chosen.name,), explainer.logits_name, gradient=gradient)
     else:  # forward only: the gradient comes from the head, inlined below
         request = RewriteRequest((chosen.name, *_frontier(explainer, chosen)), explainer.logits_name,
                                  gradient=False)
@@ -122,12 +133,17 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
     if topk is None:
         target = gs.Variable(TARGET, np.int64, [(image.shape or [None])[0]])
         target_class = _target_class(b, target, logits)
-        A = _to_nchw(b, tensors[chosen.name], chosen)
-        if spec.needs_gradient:
+        if found is not None:
+            if gradient:
+                _feed_seed(graph, tensors[SEED], _one_hot(b, target_class, logits))
+            raw = Traced(b, _attention_map(b, found, tensors, rewritten, image, gradient))
+        elif spec.needs_gradient:
+            A = _to_nchw(b, tensors[chosen.name], chosen)
             _feed_seed(graph, tensors[SEED], _one_hot(b, target_class, logits))
             G = Traced(b, _to_nchw(b, tensors[rewritten.gradients[chosen.name]], chosen))
             raw = spec.raw_map(Traced(b, A), G)
         else:
+            A = _to_nchw(b, tensors[chosen.name], chosen)
             raw = spec.raw_map(Traced(b, A), None, Traced(b, _cam_weights(b, explainer, chosen, target_class)))
         heatmap = _post_process(b, raw.tensor, hw)
     else:
@@ -136,7 +152,8 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
     _finish_outputs(graph, explainer, rewritten.logits, target, heatmap, target_class, topk)
     exported = gs.export_onnx(graph.cleanup().toposort(), do_type_check=False)
     exported.ir_version = IR_FOR_OPSET.get(max(opset_of(exported), 13), 10)
-    _set_metadata(exported, explainer, spec, chosen, topk=topk, labels=labels, preprocess=preprocess)
+    described = chosen if found is None else replace(chosen, name=",".join(found.names))
+    _set_metadata(exported, explainer, spec, described, topk=topk, labels=labels, preprocess=preprocess)
     batch = fixed_batch(exported)
     if batch is not None:
         warnings.warn(f"{explainer.source}: the exported model takes batches of exactly {batch} image(s): the "
@@ -230,8 +247,26 @@ def _cam_weights(b: Emitter, explainer: Explainer, layer: Layer, target_class: g
     return b.op("Gather", b.const(head), target_class, axis=0)
 
 
+def _attention_map(b: Emitter, found: AttentionLayers, tensors, rewritten, image: gs.Tensor,
+                   gradient: bool) -> gs.Tensor:
+    """attention.py's rollout recurrences run on the graph's attention probabilities (and
+    their gradients) as (N, heads, T, T), then the pooled rows over the patches, (N, h, w)."""
+    tokens = found.grid.tokens
+    per_head = b.concat([b.shape(image, end=1), b.ints([-1, tokens, tokens])], axis=0)
+    probabilities = [Traced(b, b.reshape(tensors[n], per_head)) for n in found.names]
+    eye = np.eye(tokens, dtype=np.float32)
+    if gradient:
+        grads = [Traced(b, b.reshape(tensors[rewritten.gradients[n]], per_head)) for n in found.names]
+        relevance = gradient_rollout_relevance(probabilities, grads, eye)
+    else:
+        relevance = rollout_relevance(probabilities, eye)
+    return emit_patch_map(b, relevance.tensor, found)
+
+
 def _to_nchw(b: Emitter, tensor: gs.Tensor, layer: Layer) -> gs.Tensor:
     """The methods' formulas index (N, C, h, w), as the Explainer's ``to_nchw``."""
+    if layer.grid is not None:
+        return emit_to_nchw(b, tensor, layer.grid)
     return b.transpose(tensor, [0, 3, 1, 2]) if layer.layout == "NHWC" else tensor
 
 
@@ -456,6 +491,8 @@ class Traced:
     def __rtruediv__(self, o): return self._node("Div", o, self)
     def __pow__(self, o): return self._node("Pow", self, o)
     def __neg__(self): return self._node("Neg", self)
+    def __matmul__(self, o): return self._node("MatMul", self, o)
+    def __rmatmul__(self, o): return self._node("MatMul", o, self)
     def __eq__(self, o): return self._node("Equal", self, o)
     def __ne__(self, o): return self._node("Not", self == o)
     def __gt__(self, o): return self._node("Greater", self, o)

@@ -38,8 +38,9 @@ MapFn = ArrayFn
 
 #: How a method gets what it needs: "gradient" (A and G from one forward + backward),
 #: "activation" (A only), "graph" (A and weights read from the classifier head),
-#: "perturbation" (A and extra forward runs), "pixel" (gradients w.r.t. the input).
-KINDS = ("gradient", "activation", "graph", "perturbation", "pixel")
+#: "perturbation" (A and extra forward runs), "pixel" (gradients w.r.t. the input),
+#: "attention" (every self-attention's probabilities, and their gradients: :mod:`onnxcam.attention`).
+KINDS = ("gradient", "activation", "graph", "perturbation", "pixel", "attention")
 
 
 # -- channel weightings -----------------------------------------------------------------------
@@ -152,8 +153,8 @@ class Method:
 
     @property
     def activation_space(self) -> bool:
-        """Maps built from the layer's activations (all but the pixel-space methods)."""
-        return self.kind != "pixel"
+        """Maps built from the layer's activations (all but the pixel-space and attention methods)."""
+        return self.kind not in ("pixel", "attention")
 
     @property
     def weights_channels(self) -> bool:
@@ -216,6 +217,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("guided-gradcam", "pixel", "Selvaraju et al., ICCV 2017"),
     Method("integrated-gradients", "pixel", "Sundararajan et al., ICML 2017"),
     Method("counterfactual", "gradient", "Selvaraju et al. 2017, sec. 5", weights=counterfactual_weights),
+    Method("rollout", "attention", "Abnar & Zuidema, ACL 2020"),
+    Method("gradient-rollout", "attention", "Chefer, Gur & Wolf, ICCV 2021"),
 ]}
 
 

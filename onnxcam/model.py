@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from . import large_models
+from . import large_models, tokens
 from .errors import LayerError, ModelError
 from .validate_model import checked_model, quantized_ops_hint
 
@@ -44,7 +44,12 @@ _LAYOUT_PRESERVING_OPS = frozenset({
     "Where", "Identity", "Dropout", "Cast", "Pad", "Concat", "Slice", "Resize", "Upsample",
     "Mish", "Swish", "Floor", "Ceil", "Round", "Sign", "Not", "Equal", "Less", "Greater",
     "QuantizeLinear", "DequantizeLinear",
+    "LayerNormalization",
 })
+
+#: Ops that keep a channels-last layout when they act on the last axis with a constant weight
+#: (a Linear layer on NHWC tensors: Swin, ConvNeXt's pointwise MLPs).
+_CHANNEL_LAST_LINEAR_OPS = frozenset({"MatMul", "Gemm"})
 
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -60,7 +65,8 @@ class Layer:
     """A spatial activation that can be explained.
 
     ``shape`` is (C, H, W) whatever the tensor's own layout; ``layout`` says how the tensor is
-    stored ("NCHW" or "NHWC").
+    stored ("NCHW", "NHWC", or "NTC" for transformer tokens [N, T, C] whose first ``prefix``
+    tokens are dropped and the rest read as an H x W grid, :mod:`onnxcam.tokens`).
     """
 
     name: str
@@ -69,6 +75,18 @@ class Layer:
     shape: tuple[int, int, int]
     layout: str
     default: bool = False
+    prefix: int = 0
+
+    @property
+    def kind(self) -> str:
+        """How the layer is read, for listings: "NCHW", "NHWC", "tokens (prefix 1, grid 14x14)"."""
+        if self.layout == tokens.TOKENS:
+            return f"tokens (prefix {self.prefix}, grid {self.shape[1]}x{self.shape[2]})"
+        return self.layout
+
+    @property
+    def grid(self) -> tokens.TokenGrid | None:
+        return tokens.TokenGrid(self.prefix, self.shape[1], self.shape[2]) if self.layout == tokens.TOKENS else None
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -143,18 +161,22 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _shapes_from_a_run(model: onnx.ModelProto) -> onnx.ModelProto:
-    shapeless = [vi for vi in model.graph.value_info
-                 if vi.type.tensor_type.elem_type in _FLOAT_TYPES and not _fully_known(vi)]
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if not shapeless or len(inputs) != 1:
+    if len(inputs) != 1:
         return model
     dims = static_dims(inputs[0]) or ()
+    # a symbol other than the input's batch ("unk__7" after Swin's window reshapes) is unknown too
+    shapeless = [vi for vi in model.graph.value_info
+                 if vi.type.tensor_type.elem_type in _FLOAT_TYPES and not _fully_known(vi, dims[:1])]
+    if not shapeless:
+        return model
     if not dims or any(not isinstance(d, int) for d in dims[1:]):
         return model  # spatial size unknown: nothing to run at
     batch = dims[0]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.input[list(probe.graph.input).index(inputs[0])].type.tensor_type.shape.dim[0].dim_value = 1
+    if isinstance(batch, int):
+        probe.graph.input[list(probe.graph.input).index(inputs[0])].type.tensor_type.shape.dim[0].dim_value = 1
     del probe.graph.output[:]
     probe.graph.output.extend(
         onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, None) for vi in shapeless)
@@ -166,12 +188,28 @@ def _shapes_from_a_run(model: onnx.ModelProto) -> onnx.ModelProto:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = large_models.session(probe, options, ["CPUExecutionProvider"])
         elem = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
-        values = session.run(None, {inputs[0].name: np.zeros([1] + list(dims[1:]), elem)})
+        # only the shapes are kept: each run's arrays are freed at once (ViT-B/16: ~0.5 GB a run)
+        values = [v.shape for v in session.run(None, {inputs[0].name: np.zeros([1] + list(dims[1:]), elem)})]
     except Exception:  # noqa: BLE001 - shapes stay unknown; the caller reports what it cannot use
         return model
-    for vi, value in zip(shapeless, values):
-        shape: list[int | str] = list(value.shape)
-        if shape and shape[0] == 1 and not isinstance(batch, int) and value.ndim >= 2:
+    pairs = None
+    if not isinstance(batch, int):
+        # a second run at batch 2 tells which dims follow the batch ([T, N, C] inside torch's
+        # MultiheadAttention, [N*windows, ...] in Swin): those stay symbolic
+        try:
+            pairs = [v.shape for v in session.run(None, {inputs[0].name: np.zeros([2] + list(dims[1:]), elem)})]
+        except Exception:  # noqa: BLE001 - then only a leading 1 is taken for the batch
+            pairs = None
+    for index, (vi, value) in enumerate(zip(shapeless, values)):
+        before = static_dims(vi) or ()
+        shape: list[int | str] = list(value)
+        if pairs is not None and len(pairs[index]) == len(value):
+            for axis, (one, two) in enumerate(zip(value, pairs[index])):
+                if one != two:
+                    symbol = before[axis] if axis < len(before) and isinstance(before[axis], str) else None
+                    shape[axis] = (batch if isinstance(batch, str) else "batch") if (axis, one) == (0, 1) else (
+                        symbol or f"onnxcam_dim_{index}_{axis}")
+        elif shape and shape[0] == 1 and not isinstance(batch, int) and len(value) >= 2:
             shape[0] = batch if isinstance(batch, str) else "batch"
         vi.type.tensor_type.ClearField("shape")
         for d in shape:
@@ -183,9 +221,9 @@ def _shapes_from_a_run(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _fully_known(vi: onnx.ValueInfoProto) -> bool:
+def _fully_known(vi: onnx.ValueInfoProto, batch: tuple = ()) -> bool:
     dims = static_dims(vi)
-    return dims is not None and None not in dims
+    return dims is not None and all(isinstance(d, int) or (d is not None and d in batch) for d in dims)
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -215,8 +253,10 @@ def static_dims(value_info: onnx.ValueInfoProto) -> tuple[int | str | None, ...]
 class ModelGraph:
     """Read-only index over a model's graph: producers, consumers, types, shapes, layouts."""
 
-    def __init__(self, model: onnx.ModelProto, source: str = "<model>"):
+    def __init__(self, model: onnx.ModelProto, source: str = "<model>",
+                 token_grid: tokens.TokenGrid | None = None):
         self.source = source
+        self.token_grid = token_grid
         self.model = with_shapes(model)
         graph = self.model.graph
         self.opset = opset_of(self.model)
@@ -305,6 +345,9 @@ class ModelGraph:
                     if name in layouts:
                         layout = layouts[name]
                         break
+            elif node.op_type in _CHANNEL_LAST_LINEAR_OPS and node.input[0] in layouts:
+                if layouts[node.input[0]].endswith("C") and node.input[1] in self.initializers:
+                    layout = layouts[node.input[0]]
             if layout is None:
                 continue
             for name in node.output[:1]:
@@ -363,37 +406,64 @@ class ModelGraph:
         return seen
 
     def layers(self, output: str | None = None) -> list[Layer]:
-        """Spatial activations feeding the logits, in graph order; the default one marked."""
+        """Spatial activations (NCHW, NHWC, transformer tokens) feeding the logits, in graph
+        order; the default one marked (:func:`onnxcam.tokens.default_index`)."""
         logits = self.logits(output)
         upstream = self.ancestors(logits)
+        index = self.token_index()
         candidates: list[Layer] = []
         for node in self.model.graph.node:
             for name in node.output:
-                if name not in upstream or name not in self.layouts:
+                if name not in upstream:
                     continue
-                if self.elem_type(name) not in _FLOAT_TYPES:
-                    continue
-                layout = self.layouts[name]
-                if sorted(layout) != sorted("NCHW"):
-                    continue
-                dims = dict(zip(layout, self.dims(name) or ()))
-                chw = (dims.get("C"), dims.get("H"), dims.get("W"))
-                if not all(isinstance(d, int) for d in chw) or chw[1] * chw[2] <= 1:
-                    continue
-                if layout not in ("NCHW", "NHWC"):
-                    continue
-                candidates.append(Layer(name, node.op_type, node.name, chw, layout))
+                layer = self._spatial_layer(name, node) or self._token_layer(name, node, index)
+                if layer is not None:
+                    candidates.append(layer)
         if not candidates:
+            unread = [t for n, t in index.tensors.items() if n in upstream and t.grid is None and t.why]
+            if unread:
+                raise tokens.ambiguous_error(self.source, unread[-1])
             hint = (" (the input size is dynamic: give input_size=(H, W) (CLI: --size H W))" if self.static_input_hw() is None
-                    else "; onnxcam explains convolutional classifiers")
+                    else "; onnxcam explains convolutional classifiers and vision transformers")
             raise LayerError(
                 f"{self.source}: no spatial activation (a 4-D tensor with H*W > 1 and a known "
-                f"layout) feeds the output '{logits}'{quantized_ops_hint(self.model.graph.node) or hint}")
-        last = candidates[-1]
-        return [c if c is not last else Layer(**{**c.__dict__, "default": True}) for c in candidates]
+                f"layout, or transformer tokens) feeds the output '{logits}'{quantized_ops_hint(self.model.graph.node) or hint}")
+        chosen = tokens.default_index(self, [c.name for c in candidates], index, upstream)
+        return [c if i != chosen else Layer(**{**c.__dict__, "default": True}) for i, c in enumerate(candidates)]
+
+    def _spatial_layer(self, name: str, node: onnx.NodeProto) -> Layer | None:
+        if name not in self.layouts or self.elem_type(name) not in _FLOAT_TYPES:
+            return None
+        layout = self.layouts[name]
+        if layout not in ("NCHW", "NHWC"):
+            return None
+        dims = dict(zip(layout, self.dims(name) or ()))
+        chw = (dims.get("C"), dims.get("H"), dims.get("W"))
+        if not all(isinstance(d, int) for d in chw) or chw[1] * chw[2] <= 1:
+            return None
+        return Layer(name, node.op_type, node.name, chw, layout)
+
+    @staticmethod
+    def _token_layer(name: str, node: onnx.NodeProto, index: tokens.TokenIndex) -> Layer | None:
+        found = index.tensors.get(name)
+        if found is None or found.grid is None:
+            return None
+        grid = found.grid
+        return Layer(name, node.op_type, node.name, (found.channels, grid.h, grid.w), tokens.TOKENS,
+                     prefix=grid.prefix)
+
+    def token_index(self) -> tokens.TokenIndex:
+        """The token tensors of the graph and their grids (built once)."""
+        if not hasattr(self, "_token_index"):
+            self._token_index = tokens.TokenIndex(self, self.token_grid)
+        return self._token_index
 
     def find_layer(self, name: str, output: str | None = None) -> Layer:
         """The layer called ``name`` (a tensor name, or a node name whose output is meant)."""
+        tensor = next((n.output[0] for n in self.model.graph.node if n.name == name and n.output), name)
+        unread = self.token_index().tensors.get(tensor)
+        if unread is not None and unread.grid is None and unread.why:
+            raise tokens.ambiguous_error(self.source, unread)
         layers = self.layers(output)
         for layer in layers:
             if name in (layer.name, layer.node):

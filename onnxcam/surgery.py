@@ -41,6 +41,7 @@ from .autodiff import RULES, Emitter, build_gradients, guided_relu, plan, upgrad
 from .autodiff.engine import describe_missing
 from .autodiff.rules import VJP, Rule
 from . import large_models
+from .attention import fused_hint
 from .errors import LayerError, ModelError, UnsupportedOpError
 from .model import ModelGraph, first_line, opset_of, with_shapes
 from .validate_model import quantized_ops_hint
@@ -155,7 +156,8 @@ def rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<mod
         missing = [(n.op, n.name) for n in gradient_plan.missing]
         raise UnsupportedOpError(
             f"{source}: {describe_missing(gradient_plan.missing)}{quantized_ops_hint(missing)}; "
-            f"{_working_layers_hint(model, tensors, request.logits, rules)}",
+            f"{_working_layers_hint(model, tensors, request.logits, rules)}"
+            f"{fused_hint(n.op for n in gradient_plan.missing)}",
             [(n.op, n.name) for n in gradient_plan.missing])
     if gradient_plan.min_opset > opset_of(model):
         model = _convert(model, gradient_plan.min_opset, source)

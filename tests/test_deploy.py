@@ -22,10 +22,11 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from onnxcam import Explainer
+from onnxcam import Explainer, OnnxcamError
 from onnxcam.cli import app
 from onnxcam.deploy import ExportedModel, triton_config
 from onnxcam.export import HEATMAP, TARGET, TARGET_CLASS, export_explained, exportable_methods, save_explained
+from onnxcam.methods import METHODS
 from onnxcam.images import PRESETS, load_image, preprocess_from_metadata
 from tests.conftest import shared_file
 from tests.tiny_models import conv_classifier, nhwc_classifier
@@ -60,7 +61,11 @@ TOPK_MODELS = {"nchw": (conv_classifier, None), "nhwc": (nhwc_classifier, None),
                "nhwc-layer": (nhwc_classifier, "act_nhwc")}
 
 
-@pytest.mark.parametrize("method", exportable_methods())
+#: the attention methods read every attention layer: exported one class per run
+ONE_LAYER = [m for m in exportable_methods() if METHODS[m].kind != "attention"]
+
+
+@pytest.mark.parametrize("method", ONE_LAYER)
 @pytest.mark.parametrize("model_key", list(TOPK_MODELS))
 def test_topk_export_equals_the_explainers_topk(model_key, method):
     factory, layer = TOPK_MODELS[model_key]
@@ -90,9 +95,12 @@ def test_topk_export_of_a_real_mobilenet_keeps_one_copy_of_the_weights():
     assert np.abs(out[HEATMAP] - reference.heatmaps).max() <= TOLERANCE
 
 
-def test_topk_out_of_range_is_refused():
-    with pytest.raises(Exception, match="topk must be at most the class count"):
+def test_topk_out_of_range_or_with_an_attention_method_is_refused():
+    with pytest.raises(OnnxcamError, match="topk must be at most the class count"):
         export_explained(conv_classifier(), "gradcam", topk=99)
+    vit = ROOT / "tests" / "fixtures" / "transformers" / "vit_ts.onnx"
+    with pytest.raises(OnnxcamError, match="export it one class per run"):
+        export_explained(str(vit), "rollout", topk=2)
 
 
 # -- metadata --------------------------------------------------------------------------------------
@@ -321,3 +329,15 @@ def test_triton_config_of_a_fixed_batch_export_has_no_batching():
         config = _parse_triton(triton_config(ExportedModel.load(path), "fixed"))
     assert config.max_batch_size == 0
     assert list(config.input[0].dims) == [d.dim_value for d in exported.graph.input[0].type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("name", ["vit_ts", "deit_dynamo", "swin_ts"])
+def test_topk_export_of_token_layer_transformers_equals_the_explainer(name):
+    path = str(ROOT / "tests" / "fixtures" / "transformers" / f"{name}.onnx")
+    model = export_explained(path, "gradcam", topk=3)
+    x = batch(model, 2, spread=1.0) if not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value") \
+        else batch(model, 1, spread=1.0)
+    out = run(model, {model.graph.input[0].name: x})
+    reference = Explainer(path).explain(x, "gradcam", topk=3)
+    np.testing.assert_array_equal(out[TARGET_CLASS], reference.targets)
+    assert np.abs(out[HEATMAP] - reference.heatmaps).max() <= TOLERANCE

@@ -82,7 +82,13 @@ class VJP:
         if not self.has_input(index):
             return None
         tensor = self.x[index]
-        return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        producer = tensor.inputs[0] if tensor.inputs else None  # a Constant node (TorchScript's ReduceMean axes)
+        if producer is not None and producer.op == "Constant" and "value" in producer.attrs:
+            value = producer.attrs["value"]
+            return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+        return None
 
 
 @dataclass(frozen=True)
