@@ -29,8 +29,9 @@ import numpy as np
 import onnx
 
 from . import perturbation, pixel
-from .errors import LayerError, OnnxcamError, TargetError, UnsupportedOpError
+from .errors import LayerError, ModelError, OnnxcamError, TargetError, UnsupportedOpError
 from .head import linear_head
+from .ingraph import MapRequest, in_graph
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
 from .methods import METHODS, Method, combine_layers, scale_maps
 from .model import Layer, ModelGraph, load_model, pin_input_size
@@ -148,7 +149,14 @@ class Explainer:
     models exported with a dynamic one (gradient rules and the cache work on fixed sizes);
     ``threads`` the intra-op threads of every onnxruntime session (0: onnxruntime's default,
     one per core).
+
+    Gradient methods with one target per image compute their maps inside the rewritten graph
+    (:mod:`onnxcam.ingraph`), so a call is one onnxruntime run; ``in_graph_maps = False``
+    computes them with numpy after the run instead (the reference the graph is tested against).
     """
+
+    #: gradient methods' maps (weights, sum, scaling, resize) computed by onnxruntime
+    in_graph_maps: bool = True
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | Sequence[str] | None = None,
                  provider: str = "auto", output: str | None = None, cache: bool = True,
@@ -176,6 +184,7 @@ class Explainer:
         self._sessions: dict[RewriteRequest, tuple[Rewritten, Session]] = {}
         self._frontiers: dict[str, tuple[str, ...] | LayerError] = {}
         self._linear_heads: dict[str, np.ndarray] = {}
+        self._not_in_graph: set[RewriteRequest] = set()
         self.metadata = {p.key: p.value for p in proto.metadata_props}
 
     def __repr__(self) -> str:
@@ -276,6 +285,8 @@ class Explainer:
         step = (batch_size or self.batch_size) if rewritten.batch_dynamic else static
         total = len(next(iter(feeds.values())))
         wanted = [n for n in dict.fromkeys(wanted) if n in session.output_names]
+        if total <= step:  # one run: its outputs as they come, no concatenation copy
+            return session.run(feeds, wanted)
         chunks = [session.run({k: v[start:start + step] for k, v in feeds.items()}, wanted)
                   for start in range(0, total, step)]
         return {name: np.concatenate([c[name] for c in chunks]) for name in wanted}
@@ -461,6 +472,9 @@ class Explainer:
         return gradients, provider
 
     def _gradient_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
+        parts = self._in_graph_parts(x, spec, wanted, options)
+        if parts is not None:
+            return parts
         parts = self._layer_gradients(x, wanted, forward)
         if spec.weights is not None:
             parts.weights = {name: spec.channel_weights(_flat(A, parts.targets), _merge(parts.gradients[name]))
@@ -468,6 +482,37 @@ class Explainer:
                              for name, A in parts.activations.items()}
         parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
         return parts
+
+    def _in_graph_parts(self, x, spec: Method, wanted: TargetSet, options: Options) -> _Parts | None:
+        """Logits, activations, gradients, weights and maps from one run of a rewrite that
+        computes the maps too (:mod:`onnxcam.ingraph`); None where that does not apply
+        (several targets, eigen_smooth, a projection method) or the graph cannot take the
+        formula: the numpy path then."""
+        if not (self.in_graph_maps and in_graph(spec) and not options.eigen_smooth
+                and (wanted.seeds is None or wanted.seeds.shape[1] == 1)):
+            return None
+        maps = MapRequest(spec.name, self.input_layout, tuple(l.layout for l in self.targets_layers))
+        request = RewriteRequest(self._layer_names, self.logits_name, maps=maps)
+        if request in self._not_in_graph:
+            return None
+        try:
+            rewritten, session = self.session(request)
+        except (UnsupportedOpError, LayerError, ModelError):
+            raise  # the model's own problem: the plain rewrite reports the same
+        except Exception:  # noqa: BLE001 - the maps' nodes failed: numpy computes them
+            self._not_in_graph.add(request)
+            return None
+        seeds = np.zeros((len(x), self._classes()), np.float32) if wanted.seeds is None else wanted.seeds[:, 0]
+        names = [rewritten.logits, *rewritten.layers, *rewritten.gradients.values(),
+                 *rewritten.weights.values(), rewritten.heatmap]
+        outputs = self.run_model(rewritten, session, {rewritten.input: x, SEED: seeds}, names)
+        logits = outputs[rewritten.logits]
+        layers = self.targets_layers
+        return _Parts(wanted.resolve(logits), logits, session.provider,
+                      {l.name: self.to_nchw(l, outputs[l.name]) for l in layers},
+                      {l.name: self.to_nchw(l, outputs[rewritten.gradients[l.name]])[:, None] for l in layers},
+                      {name: outputs[output][:, None] for name, output in rewritten.weights.items()},
+                      outputs[rewritten.heatmap])
 
     def _activation_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
         parts = self._forward_parts(wanted, forward)

@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from .autodiff.engine import describe_missing
 from .autodiff.rules import VJP, Rule
 from . import large_models
 from .errors import LayerError, ModelError, UnsupportedOpError
+from .ingraph import HEATMAP_OUTPUT, WEIGHTS_PREFIX, MapRequest, emit_maps
 from .model import ModelGraph, first_line, opset_of, with_shapes
 
 SEED = "onnxcam_seed"
@@ -60,7 +61,8 @@ class RewriteRequest:
 
     ``gradient=False`` builds a forward-only model (no seed input) exposing ``layers``;
     ``head=A`` cuts the model at tensor ``A`` (see the module docstring); ``layers`` is then
-    ``(A,)`` when the gradient is wanted.
+    ``(A,)`` when the gradient is wanted. ``maps`` also computes a method's heatmap and
+    channel weights in the graph (:mod:`onnxcam.ingraph`).
     """
 
     layers: tuple[str, ...]
@@ -70,6 +72,7 @@ class RewriteRequest:
     dynamic_batch: bool = True
     gradient: bool = True
     head: str | None = None
+    maps: MapRequest | None = None
 
 
 @dataclass
@@ -84,6 +87,9 @@ class Rewritten:
     batch_dynamic: bool = False
     #: a head's other inputs (its frontier), fed from a forward run of the full model
     extra_inputs: tuple[str, ...] = ()
+    #: with ``RewriteRequest.maps``: the heatmap output, and each layer's weights output
+    heatmap: str | None = None
+    weights: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_seed(self) -> bool:
@@ -96,7 +102,8 @@ class Rewritten:
                 info = json.loads(prop.value)
                 return Rewritten(model, info["input"], info["logits"], tuple(info["layers"]),
                                  info["gradients"], info["batch_dynamic"],
-                                 tuple(info.get("extra_inputs", ())))
+                                 tuple(info.get("extra_inputs", ())), info.get("heatmap"),
+                                 info.get("weights", {}))
         raise ModelError("not a model rewritten by onnxcam (no onnxcam.rewrite metadata)")
 
 
@@ -312,6 +319,9 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
         grad.dtype, grad.shape = float_dtype, tensor.shape
         gradient_names[tensor.name] = grad.name
         outputs.append(grad)
+    heatmap, weight_names = None, {}
+    if request.maps is not None:
+        heatmap, weight_names = _emit_maps(emitter, request, tensors, grads, _data_input(graph), outputs)
     for tensor in outputs:
         if tensor.dtype is None:
             tensor.dtype = float_dtype
@@ -322,9 +332,28 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
     opset = max(opset, 13)
     model.ir_version = _IR_FOR_OPSET.get(opset, 10)
     rewritten = Rewritten(model, input_name, logits.name, tuple(request.layers), gradient_names,
-                          batch_dynamic=False, extra_inputs=_extra_inputs(graph, input_name))
+                          batch_dynamic=False, extra_inputs=_extra_inputs(graph, input_name),
+                          heatmap=heatmap, weights=weight_names)
     _store_metadata(rewritten)
     return rewritten
+
+
+def _emit_maps(b: Emitter, request: RewriteRequest, tensors, grads, image: gs.Tensor,
+               outputs: list) -> tuple[str, dict[str, str]]:
+    """The method's heatmap and channel weights as outputs (:func:`onnxcam.ingraph.emit_maps`)."""
+    heatmap, weights = emit_maps(b, request.maps, [tensors[n] for n in request.layers],
+                                 grads[:len(request.layers)], image)
+    heatmap = b.op("Identity", heatmap)
+    heatmap.name, heatmap.dtype = HEATMAP_OUTPUT, np.float32
+    outputs.append(heatmap)
+    names = {}
+    for layer, tensor in zip(request.layers, weights):
+        if tensor is not None:
+            tensor = b.op("Identity", tensor)
+            tensor.name, tensor.dtype = WEIGHTS_PREFIX + layer, np.float32
+            names[layer] = tensor.name
+            outputs.append(tensor)
+    return heatmap.name, names
 
 
 def _default_to_top1(b: Emitter, seed: gs.Tensor, logits: gs.Tensor) -> gs.Tensor:
@@ -343,6 +372,8 @@ def _store_metadata(rewritten: Rewritten) -> None:
     info = {"input": rewritten.input, "logits": rewritten.logits, "layers": list(rewritten.layers),
             "gradients": rewritten.gradients, "batch_dynamic": rewritten.batch_dynamic,
             "extra_inputs": list(rewritten.extra_inputs)}
+    if rewritten.heatmap is not None:
+        info.update(heatmap=rewritten.heatmap, weights=rewritten.weights)
     props = [p for p in rewritten.model.metadata_props if p.key != METADATA_KEY]
     del rewritten.model.metadata_props[:]
     rewritten.model.metadata_props.extend(props)
@@ -438,8 +469,7 @@ def _try_dynamic_batch(static: Rewritten) -> Rewritten | None:
         scale = max(float(np.abs(joined).max()), 1e-6)
         if value.shape != joined.shape or float(np.abs(value - joined).max()) > 1e-4 * scale:
             return None
-    dynamic = Rewritten(dynamic_model, static.input, static.logits, static.layers,
-                        static.gradients, batch_dynamic=True, extra_inputs=static.extra_inputs)
+    dynamic = replace(static, model=dynamic_model, batch_dynamic=True)
     _store_metadata(dynamic)
     return dynamic
 

@@ -31,7 +31,8 @@ class TargetSet:
     def resolve(self, logits: np.ndarray) -> TargetSet:
         if self.seeds is not None:
             return self
-        classes = np.argsort(-logits, axis=1, kind="stable")[:, :self.topk]
+        classes = (np.argmax(logits, axis=1)[:, None] if self.topk == 1  # the first maximum, as argsort's
+                   else np.argsort(-logits, axis=1, kind="stable")[:, :self.topk])
         return TargetSet(one_hot(classes, logits.shape[1]), classes, self.multi, self.topk)
 
 
