@@ -31,7 +31,7 @@ import onnx
 from . import perturbation, pixel
 from .errors import LayerError, ModelError, OnnxcamError, TargetError, UnsupportedOpError
 from .head import linear_head
-from .ingraph import MapRequest, in_graph
+from .ingraph import MASK_SOURCE, MapRequest, MaskRequest, in_graph
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
 from .methods import METHODS, Method, combine_layers, scale_maps
 from .model import Layer, ModelGraph, load_model, pin_input_size
@@ -538,7 +538,8 @@ class Explainer:
                                       batch)[rewritten.logits]
 
             parts.weights = {name: perturbation.scorecam_weights(x, A, wanted.seeds, score, self.input_layout,
-                                                                 batch, options.max_channels)
+                                                                 batch, options.max_channels,
+                                                                 self._masked_scores(x, A.shape[2:], batch))
                              for name, A in parts.activations.items()}
         else:
             parts.weights = {l.name: perturbation.ablationcam_weights(
@@ -546,6 +547,33 @@ class Explainer:
                 for l in self.targets_layers}
         parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
         return parts
+
+    def _masked_scores(self, x: np.ndarray, map_size: tuple[int, ...], batch: int) -> perturbation.MaskedFn | None:
+        """Score-CAM's masked images built and run inside onnxruntime (a forward model whose
+        input is multiplied by masks made in the graph, :func:`onnxcam.ingraph.feed_masked`):
+        per batch only the channel maps (B, h, w) go in and the logits come out. None (numpy
+        builds the masks) without a static input size or when the graph cannot be built."""
+        if not self.in_graph_maps or self.input_size is None or (self.graph.static_batch() or 1) != 1:
+            return None
+        request = RewriteRequest((), self.logits_name, gradient=False,
+                                 masks=MaskRequest(self.input_layout, tuple(int(d) for d in map_size)))
+        if request in self._not_in_graph:
+            return None
+        try:
+            rewritten, session = self.session(request)
+        except (UnsupportedOpError, LayerError, ModelError):
+            raise
+        except Exception:  # noqa: BLE001 - the mask nodes failed: numpy builds the masks
+            self._not_in_graph.add(request)
+            return None
+        step = batch if rewritten.batch_dynamic else 1
+        logits = rewritten.logits
+
+        def masked(n: int, channels: np.ndarray) -> np.ndarray:
+            image, sources = x[n:n + 1], channels.astype(np.float64)
+            return np.concatenate([session.run({rewritten.input: image, MASK_SOURCE: sources[start:start + step]},
+                                               [logits])[logits] for start in range(0, len(sources), step)])
+        return masked
 
     def _ablation_head(self, layer: Layer, outputs: dict[str, np.ndarray]) -> perturbation.HeadFn:
         """logits from (modified) activations of one image, through the head cut at ``layer``."""

@@ -227,3 +227,48 @@ class Traced:
 
 def _axes(axis: int | Sequence[int]) -> list[int]:
     return [axis] if isinstance(axis, int) else list(axis)
+
+
+# -- Score-CAM's masked inputs --------------------------------------------------------------------
+
+#: Input of a masked-input model: channel activations (B, h, w), float64, one mask each.
+MASK_SOURCE = "onnxcam_mask_source"
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """A forward model whose image input is multiplied by Score-CAM masks in the graph: the
+    image layout and the (h, w) of the activations the masks come from."""
+
+    input_layout: str
+    map_size: tuple[int, int]
+    code: str = _FINGERPRINT
+
+
+def feed_masked(b: Emitter, image: gs.Variable, request: MaskRequest) -> gs.Variable:
+    r"""Make every reader of ``image`` (1, ...) read :math:`x \odot M_k` for a batch of masks,
+    :func:`onnxcam.perturbation.upsampled_masks` of the new input :data:`MASK_SOURCE`
+    (B, h, w) float64, in float64 as there: bilinear upsampling with ``align_corners=True``
+    as two MatMuls with :func:`onnxcam.perturbation.bilinear_matrix` (the same matrices),
+    :math:`(u - \min) / (\max - \min + 10^{-8})` per mask, then float32 and the product.
+    The image's (H, W) must be static. Returns the new input."""
+    from .perturbation import bilinear_matrix
+
+    size = static_hw(image, request.input_layout)
+    if None in size:
+        raise ValueError("Score-CAM masks in the graph need a static input size")
+    graph = b.graph
+    consumers = [(node, index) for node in graph.nodes for index, t in enumerate(node.inputs) if t is image]
+    source = gs.Variable(MASK_SOURCE, np.float64, [None, *request.map_size])
+    graph.inputs.append(source)
+    rows = b.const(bilinear_matrix(size[0], request.map_size[0]), np.float64)
+    cols = b.const(bilinear_matrix(size[1], request.map_size[1]).T.copy(), np.float64)
+    up = b.matmul(b.matmul(rows, source), cols)  # (B, H, W)
+    low = b.reduce("ReduceMin", up, [1, 2])
+    high = b.reduce("ReduceMax", up, [1, 2])
+    masks = b.cast(b.div(b.sub(up, low), b.add(b.sub(high, low), b.const(1e-8, np.float64))), 1)  # FLOAT
+    masks = b.unsqueeze(masks, [1] if request.input_layout == "NCHW" else [3])
+    masked = b.mul(image, masks)
+    for node, index in consumers:
+        node.inputs[index] = masked
+    return source

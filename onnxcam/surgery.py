@@ -43,7 +43,7 @@ from .autodiff.engine import describe_missing
 from .autodiff.rules import VJP, Rule
 from . import large_models
 from .errors import LayerError, ModelError, UnsupportedOpError
-from .ingraph import HEATMAP_OUTPUT, WEIGHTS_PREFIX, MapRequest, emit_maps
+from .ingraph import HEATMAP_OUTPUT, MASK_SOURCE, WEIGHTS_PREFIX, MapRequest, MaskRequest, emit_maps, feed_masked
 from .model import ModelGraph, first_line, opset_of, with_shapes
 
 SEED = "onnxcam_seed"
@@ -62,7 +62,8 @@ class RewriteRequest:
     ``gradient=False`` builds a forward-only model (no seed input) exposing ``layers``;
     ``head=A`` cuts the model at tensor ``A`` (see the module docstring); ``layers`` is then
     ``(A,)`` when the gradient is wanted. ``maps`` also computes a method's heatmap and
-    channel weights in the graph (:mod:`onnxcam.ingraph`).
+    channel weights in the graph (:mod:`onnxcam.ingraph`); ``masks`` (forward-only) feeds the
+    model Score-CAM's masked images, built in the graph from activations.
     """
 
     layers: tuple[str, ...]
@@ -73,6 +74,7 @@ class RewriteRequest:
     gradient: bool = True
     head: str | None = None
     maps: MapRequest | None = None
+    masks: MaskRequest | None = None
 
 
 @dataclass
@@ -270,6 +272,8 @@ def _cut(graph: gs.Graph, tensors, request: RewriteRequest, source: str) -> None
 def _build_forward(graph: gs.Graph, tensors, request: RewriteRequest, opset: int) -> Rewritten:
     """Forward only: the logits and the ``layers`` tensors as outputs, no seed input."""
     input_name = _data_input(graph).name
+    if request.masks is not None:
+        feed_masked(Emitter(graph, opset, np.float32, prefix="onnxcam_masks"), _data_input(graph), request.masks)
     logits = tensors[request.logits]
     outputs = list(graph.outputs)
     for tensor in [logits] + [tensors[name] for name in request.layers]:
@@ -289,7 +293,7 @@ def _build_forward(graph: gs.Graph, tensors, request: RewriteRequest, opset: int
 
 
 def _extra_inputs(graph: gs.Graph, input_name: str) -> tuple[str, ...]:
-    return tuple(t.name for t in graph.inputs if t.name not in (input_name, SEED))
+    return tuple(t.name for t in graph.inputs if t.name not in (input_name, SEED, MASK_SOURCE))
 
 
 def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset: int,
@@ -482,7 +486,8 @@ def _probe_feeds(session, batch: int) -> dict[str, np.ndarray]:
         if value.name == SEED:
             feeds[value.name] = np.zeros(shape, np.float32)
         else:
-            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+            dtype = np.float64 if value.type == "tensor(double)" else np.float32
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
 
 

@@ -91,3 +91,33 @@ def test_what_the_graph_does_not_compute_takes_the_numpy_path():
     top = fast.explain(x, "gradcam", topk=2)
     assert top.heatmaps.shape == (2, 2, 16, 16)
     np.testing.assert_allclose(top.heatmaps[:, 0], fast.explain(x, "gradcam").heatmaps, atol=TOLERANCE)
+
+
+# -- Score-CAM: masked images built in the graph ---------------------------------------------------
+
+def _masks_session_used(explainer: Explainer) -> bool:
+    return any(request.masks is not None for request in explainer._sessions)
+
+
+@pytest.mark.parametrize("factory,layer", [(conv_classifier, None), (nhwc_classifier, None),
+                                           (nhwc_classifier, "act_nhwc"), (conv_classifier, ["r1", "features"])])
+def test_scorecam_masks_in_the_graph_give_the_numpy_weights_and_maps(factory, layer):
+    fast, reference = _pair(factory(), layer=layer)
+    x = _inputs(fast, 2)
+    for options in ({}, {"max_channels": 5, "batch_size": 3}, {"targets": [[0, 1], [2, 0]]}):
+        ours, theirs = fast.explain(x, "scorecam", **options), reference.explain(x, "scorecam", **options)
+        np.testing.assert_array_equal(ours.targets, theirs.targets)
+        for name in theirs.weights:
+            np.testing.assert_allclose(ours.weights[name], theirs.weights[name], rtol=1e-4, atol=1e-6)
+        assert np.abs(ours.heatmaps - theirs.heatmaps).max() <= 1e-4
+    assert _masks_session_used(fast) and not _masks_session_used(reference)
+
+
+def test_scorecam_masks_in_the_graph_on_a_mobilenet():
+    fast, reference = _pair(shared_file("models/mobilenet/mobilenet_v1_0.25_128.onnx"))
+    x = _inputs(fast, 1, scale=1.0)
+    ours, theirs = fast.explain(x, "scorecam", batch_size=64), reference.explain(x, "scorecam", batch_size=64)
+    name = ours.layers[0]
+    np.testing.assert_allclose(ours.weights[name], theirs.weights[name], rtol=1e-4, atol=1e-6)
+    assert np.abs(ours.heatmaps - theirs.heatmaps).max() <= 1e-4
+    assert ours.heatmaps.max() > 0.5 and _masks_session_used(fast)
