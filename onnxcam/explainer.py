@@ -472,7 +472,7 @@ class Explainer:
         return gradients, provider
 
     def _gradient_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
-        parts = self._in_graph_parts(x, spec, wanted, options)
+        parts = self._in_graph_parts(x, spec, wanted, options, forward)
         if parts is not None:
             return parts
         parts = self._layer_gradients(x, wanted, forward)
@@ -483,25 +483,22 @@ class Explainer:
         parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
         return parts
 
-    def _in_graph_parts(self, x, spec: Method, wanted: TargetSet, options: Options) -> _Parts | None:
+    def _in_graph_parts(self, x, spec: Method, wanted: TargetSet, options: Options,
+                        forward: _Lazy) -> _Parts | None:
         """Logits, activations, gradients, weights and maps from one run of a rewrite that
-        computes the maps too (:mod:`onnxcam.ingraph`); None where that does not apply
-        (several targets, eigen_smooth, a projection method) or the graph cannot take the
-        formula: the numpy path then."""
-        if not (self.in_graph_maps and in_graph(spec) and not options.eigen_smooth
-                and (wanted.seeds is None or wanted.seeds.shape[1] == 1)):
+        computes the maps too (:mod:`onnxcam.ingraph`), for several targets one run of the
+        head with maps; None where that does not apply (eigen_smooth, a projection method,
+        several targets with several layers or a dynamic input size) or the graph cannot take
+        the formula: the numpy path then."""
+        if not (self.in_graph_maps and in_graph(spec) and not options.eigen_smooth):
             return None
+        if wanted.seeds is not None and wanted.seeds.shape[1] > 1:
+            return self._in_graph_head_parts(spec, wanted, forward)
         maps = MapRequest(spec.name, self.input_layout, tuple(l.layout for l in self.targets_layers))
-        request = RewriteRequest(self._layer_names, self.logits_name, maps=maps)
-        if request in self._not_in_graph:
+        found = self._maps_session(RewriteRequest(self._layer_names, self.logits_name, maps=maps))
+        if found is None:
             return None
-        try:
-            rewritten, session = self.session(request)
-        except (UnsupportedOpError, LayerError, ModelError):
-            raise  # the model's own problem: the plain rewrite reports the same
-        except Exception:  # noqa: BLE001 - the maps' nodes failed: numpy computes them
-            self._not_in_graph.add(request)
-            return None
+        rewritten, session = found
         seeds = np.zeros((len(x), self._classes()), np.float32) if wanted.seeds is None else wanted.seeds[:, 0]
         names = [rewritten.logits, *rewritten.layers, *rewritten.gradients.values(),
                  *rewritten.weights.values(), rewritten.heatmap]
@@ -513,6 +510,51 @@ class Explainer:
                       {l.name: self.to_nchw(l, outputs[rewritten.gradients[l.name]])[:, None] for l in layers},
                       {name: outputs[output][:, None] for name, output in rewritten.weights.items()},
                       outputs[rewritten.heatmap])
+
+    def _in_graph_head_parts(self, spec: Method, wanted: TargetSet, forward: _Lazy) -> _Parts | None:
+        """Several targets, one layer: the forward model once, then the head cut at the layer
+        fed the activation once per target, computing gradients, weights and maps."""
+        if len(self.targets_layers) != 1 or self.input_size is None:
+            return None
+        layer = self.targets_layers[0]
+        try:
+            self.frontier(layer.name)
+        except LayerError:
+            return None
+        maps = MapRequest(spec.name, self.input_layout, (layer.layout,), size=tuple(self.input_size))
+        found = self._maps_session(RewriteRequest((layer.name,), self.logits_name, head=layer.name, maps=maps),
+                                   UnsupportedOpError)
+        if found is None:
+            return None
+        rewritten, session = found
+        outputs = forward()
+        count, targets = wanted.seeds.shape[:2]
+        feeds = {name: np.repeat(outputs[name], targets, axis=0) for name in (layer.name, *rewritten.extra_inputs)}
+        feeds[SEED] = _merge(wanted.seeds)
+        gradient = rewritten.gradients[layer.name]
+        out = self.run_model(rewritten, session, feeds, [gradient, *rewritten.weights.values(), rewritten.heatmap])
+        nchw = self.to_nchw(layer, out[gradient])
+        return _Parts(wanted, outputs[self.logits_name], session.provider,
+                      {layer.name: self.to_nchw(layer, outputs[layer.name])},
+                      {layer.name: nchw.reshape((count, targets) + nchw.shape[1:])},
+                      {name: out[output].reshape(count, targets, -1) for name, output in rewritten.weights.items()},
+                      out[rewritten.heatmap])
+
+    def _maps_session(self, request: RewriteRequest, *fallback: type[Exception]) -> tuple[Rewritten, Session] | None:
+        """The session of a rewrite with in-graph maps or masks; None (and remembered) when
+        its extra nodes cannot be built or loaded, or on a ``fallback`` error."""
+        if request in self._not_in_graph:
+            return None
+        try:
+            return self.session(request)
+        except fallback:
+            pass
+        except (UnsupportedOpError, LayerError, ModelError):
+            raise  # the model's own problem: the plain rewrite reports the same
+        except Exception:  # noqa: BLE001 - the extra nodes failed: numpy computes the maps
+            pass
+        self._not_in_graph.add(request)
+        return None
 
     def _activation_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
         parts = self._forward_parts(wanted, forward)
@@ -555,17 +597,11 @@ class Explainer:
         builds the masks) without a static input size or when the graph cannot be built."""
         if not self.in_graph_maps or self.input_size is None or (self.graph.static_batch() or 1) != 1:
             return None
-        request = RewriteRequest((), self.logits_name, gradient=False,
-                                 masks=MaskRequest(self.input_layout, tuple(int(d) for d in map_size)))
-        if request in self._not_in_graph:
+        found = self._maps_session(RewriteRequest((), self.logits_name, gradient=False,
+                                                  masks=MaskRequest(self.input_layout, tuple(int(d) for d in map_size))))
+        if found is None:
             return None
-        try:
-            rewritten, session = self.session(request)
-        except (UnsupportedOpError, LayerError, ModelError):
-            raise
-        except Exception:  # noqa: BLE001 - the mask nodes failed: numpy builds the masks
-            self._not_in_graph.add(request)
-            return None
+        rewritten, session = found
         step = batch if rewritten.batch_dynamic else 1
         logits = rewritten.logits
 

@@ -67,6 +67,19 @@ def test_in_graph_maps_equal_the_numpy_path(factory, layer, method):
     assert max(peaks) > 0.5, "a trivial map proves nothing"
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
+@pytest.mark.parametrize("factory,layer", [(conv_classifier, None), (nhwc_classifier, None),
+                                           (nhwc_classifier, "act_nhwc")])
+def test_several_targets_through_the_head_with_in_graph_maps(factory, layer, method):
+    fast, reference = _pair(factory(), layer=layer)
+    x = _inputs(fast, 3)
+    for options in ({"topk": 3}, {"targets": [[0, 1], [2, 0], [1, 2]]}):
+        ours, theirs = fast.explain(x, method, **options), reference.explain(x, method, **options)
+        _same(ours, theirs)
+        assert ours.heatmaps.ndim == 4
+    assert any(request.head and request.maps for request in fast._sessions)
+
+
 def test_in_graph_maps_on_a_mobilenet_batch_and_a_dynamic_size():
     path = shared_file("models/mobilenet/mobilenet_v1_0.25_128.onnx")
     fast, reference = _pair(path)
