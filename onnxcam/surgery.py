@@ -462,6 +462,7 @@ def _try_dynamic_batch(static: Rewritten) -> Rewritten | None:
 
         options = ort.SessionOptions()
         options.log_severity_level = 4
+        options.add_session_config_entry("session.disable_prepacking", "1")  # no packed weight copies
         session = large_models.session(dynamic_model, options, ["CPUExecutionProvider"])
         feeds = _probe_feeds(session, batch=3)
         batched = session.run(None, feeds)

@@ -14,7 +14,7 @@ rounds, medians), so load from elsewhere on the machine hits every column alike:
    pytorch-grad-cam in torch and by onnxcam (Grad-CAM at batch 1 and ``--batch``, Score-CAM
    for one image on ``--scorecam-models``), speed-ups and each side over its own forward,
    maps compared (Pearson r, max |difference|);
-3. **peak RSS** (``--memory-models``): in fresh subprocesses, ``ru_maxrss`` of a plain
+3. **peak RSS** (``--memory-models``): in fresh subprocesses, ``VmHWM`` of a plain
    onnxruntime session running one image, of ``Explainer(model).explain(x)`` (Grad-CAM) with
    an empty rewrite cache (the rewrite is built) and with a warm one (loaded), and of a
    process that only imports onnxcam; ratios to the plain session.
@@ -57,9 +57,10 @@ from onnxcam import Explainer, export_explained  # noqa: E402
 SHARED_MOBILENETS = sorted((ROOT.parent / "shared" / "models" / "mobilenet").glob("*.onnx"))
 
 #: Peak RSS of one process: "forward" (onnxruntime alone), "import" (import onnxcam only), or a
-#: method explained by onnxcam; prints ru_maxrss in KiB.
+#: method explained by onnxcam; prints VmHWM in KiB (not ru_maxrss: Linux carries that over
+#: exec from the parent, here a process holding torch).
 MEMORY_PROBE = r"""
-import resource, sys
+import sys
 import numpy as np
 kind, path, provider = sys.argv[1], sys.argv[2], sys.argv[3]
 if kind == "forward":
@@ -77,7 +78,7 @@ else:
         h, w = explainer.input_size
         shape = (1, 3, h, w) if explainer.input_layout == "NCHW" else (1, h, w, 3)
         explainer.explain(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32), kind)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
@@ -227,7 +228,8 @@ def main() -> None:
 
         print(f"\n1. over the forward (onnxcam / plain onnxruntime session, same batch)\n"
               f"{'model':<26} {'call':<26} {'batch':>5} {'median ms':>9} {'best ms':>9} {'/forward':>8}", flush=True)
-        for path in SHARED_MOBILENETS if args.shared and not args.quick else SHARED_MOBILENETS[-1:]:
+        shared = SHARED_MOBILENETS if args.shared else []
+        for path in shared[-1:] if args.quick else shared:
             results["over_forward"] += overhead_rows(path.stem, path, args)
         for name in args.models:
             results["over_forward"] += overhead_rows(name, export(name), args)
@@ -248,7 +250,7 @@ def main() -> None:
                                                                 args.timer)
             del bench
 
-        print(f"\n3. peak RSS (fresh processes, ru_maxrss)\n"
+        print(f"\n3. peak RSS (fresh processes, VmHWM)\n"
               f"{'model':<26} {'process':<26} {'model MiB':>9} {'peak MiB':>11} {'/forward':>8}", flush=True)
         for name in args.memory_models:
             results["memory"] += memory_rows(name, export(name), args, folder)
