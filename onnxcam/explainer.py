@@ -20,6 +20,7 @@ one-hot ``s`` for a class).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -158,6 +159,7 @@ class Explainer:
 
     #: gradient methods' maps (weights, sum, scaling, resize) computed by onnxruntime
     in_graph_maps: bool = True
+    _class_count: int | None = None
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | Sequence[str] | None = None,
                  provider: str = "auto", output: str | None = None, cache: bool = True,
@@ -186,6 +188,7 @@ class Explainer:
         self._frontiers: dict[str, tuple[str, ...] | LayerError] = {}
         self._linear_heads: dict[str, np.ndarray] = {}
         self._not_in_graph: set[RewriteRequest] = set()
+        self._map_requests: dict[str, RewriteRequest] = {}
         self.metadata = {p.key: p.value for p in proto.metadata_props}
 
     def __repr__(self) -> str:
@@ -310,7 +313,7 @@ class Explainer:
                   wanted: Sequence[str], batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Run ``feeds`` (all batched alike) in chunks of ``batch_size`` (default: the
         explainer's), or of the export's fixed batch; outputs concatenated."""
-        static = self.graph.static_batch() or 1
+        static = self._static_batch
         step = (batch_size or self.batch_size) if rewritten.batch_dynamic else static
         total = len(next(iter(feeds.values())))
         wanted = [n for n in dict.fromkeys(wanted) if n in session.output_names]
@@ -348,10 +351,18 @@ class Explainer:
         """Targets as seed vectors; see :meth:`explain` for the accepted forms."""
         return resolve_targets(targets, batch, self._classes(), topk)
 
+    @functools.cached_property
+    def _static_batch(self) -> int:
+        """The export's fixed batch (1 when dynamic), read once: run_model is per call."""
+        return self.graph.static_batch() or 1
+
     def _classes(self) -> int:
+        if self._class_count:
+            return self._class_count
         classes = self.num_classes
         if classes is None:
             raise OnnxcamError(f"{self.source}: the logits' class dimension is not static")
+        self._class_count = classes
         return classes
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
@@ -523,8 +534,11 @@ class Explainer:
             return None
         if wanted.seeds is not None and wanted.seeds.shape[1] > 1:
             return self._in_graph_head_parts(spec, wanted, forward)
-        maps = MapRequest(spec.name, self.input_layout, tuple(l.layout for l in self.targets_layers))
-        found = self._maps_session(RewriteRequest(self._layer_names, self.logits_name, maps=maps))
+        request = self._map_requests.get(spec.name)
+        if request is None:  # built once per method: hashing it is per call
+            maps = MapRequest(spec.name, self.input_layout, tuple(l.layout for l in self.targets_layers))
+            request = self._map_requests[spec.name] = RewriteRequest(self._layer_names, self.logits_name, maps=maps)
+        found = self._maps_session(request)
         if found is None:
             return None
         rewritten, session = found

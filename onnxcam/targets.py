@@ -39,7 +39,8 @@ class TargetSet:
 def one_hot(classes: np.ndarray, count: int) -> np.ndarray:
     """Seed vectors (..., count) with a 1 at each class."""
     seeds = np.zeros(classes.shape + (count,), np.float32)
-    np.put_along_axis(seeds, classes[..., None], 1.0, axis=-1)
+    rows = seeds.reshape(-1, count)  # a view: flat indexing is several times faster than put_along_axis
+    rows[np.arange(len(rows)), np.asarray(classes).reshape(-1)] = 1.0
     return seeds
 
 
