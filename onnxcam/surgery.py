@@ -386,7 +386,7 @@ def _store_metadata(rewritten: Rewritten) -> None:
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(with_shapes(model))
+    return gs.import_onnx(with_shapes(model, in_place=True))  # value_info only: no copy of the weights
 
 
 def _data_input(graph: gs.Graph) -> gs.Variable:
