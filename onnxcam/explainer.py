@@ -22,6 +22,7 @@ one-hot ``s`` for a class).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -32,8 +33,9 @@ import numpy as np
 import onnx
 
 from . import dense as dense_outputs, perturbation, pixel
-from .errors import LayerError, OnnxcamError, OnnxcamWarning, TargetError, UnsupportedOpError
+from .errors import LayerError, ModelError, OnnxcamError, OnnxcamWarning, TargetError, UnsupportedOpError
 from .head import linear_head
+from .ingraph import MASK_SOURCE, MapRequest, MaskRequest, in_graph
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
 from .methods import METHODS, Method, combine_layers, scale_maps, warn_empty_maps
 from .model import Layer, ModelGraph, load_model, pin_input_size
@@ -165,7 +167,15 @@ class Explainer:
     (:mod:`onnxcam.cache`). The provider is checked here, before any rewrite or image.
     ``grid=(H, W)`` and ``prefix=P`` say how to read transformer token layers when the graph
     does not (:mod:`onnxcam.tokens`).
+
+    Gradient methods with one target per image compute their maps inside the rewritten graph
+    (:mod:`onnxcam.ingraph`), so a call is one onnxruntime run; ``in_graph_maps = False``
+    computes them with numpy after the run instead (the reference the graph is tested against).
     """
+
+    #: gradient methods' maps (weights, sum, scaling, resize) computed by onnxruntime
+    in_graph_maps: bool = True
+    _class_count: int | None = None
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, layer: str | Sequence[str] | None = None,
                  provider: str = "auto", output: str | None = None, cache: bool = True,
@@ -200,6 +210,8 @@ class Explainer:
         self._sessions: dict[RewriteRequest, tuple[Rewritten, Session]] = {}
         self._frontiers: dict[str, tuple[str, ...] | LayerError] = {}
         self._linear_heads: dict[str, np.ndarray] = {}
+        self._not_in_graph: set[RewriteRequest] = set()
+        self._map_requests: dict[str, RewriteRequest] = {}
         self.metadata = {p.key: p.value for p in proto.metadata_props}
 
     def __repr__(self) -> str:
@@ -257,9 +269,17 @@ class Explainer:
                 rewritten, _ = cached_rewrite(self._proto, request, self.source, threads=self.threads)
             else:
                 rewritten = rewrite(self._proto, request, self.source, threads=self.threads)
-            self._sessions[request] = (rewritten, Session(rewritten.model, self.provider_requested,
-                                                          threads=self.threads, source=rewritten.origin))
+            self._sessions[request] = (rewritten, self._new_session(rewritten.model, request, rewritten.origin))
         return self._sessions[request]
+
+    def _new_session(self, model: onnx.ModelProto | str, request: RewriteRequest,
+                     origin: str | None = None) -> Session:
+        """A session for a rewrite. The full model's gradient graph does not prepack its weights
+        (see :class:`onnxcam.runtime.Session`: each would be packed twice, vgg16 +500 MiB; at
+        batch 1 unpacked is as fast); a head does, as its batch is images x targets (vgg16's
+        head at batch 5: 418 ms unpacked, 219 packed)."""
+        return Session(model, self.provider_requested, threads=self.threads, source=origin,
+                       prepack=not request.gradient or request.head is not None)
 
     def prepared(self, input_gradient: bool = False, relu: str = "plain") -> tuple[Rewritten, Session]:
         """The model with gradients at the layers (and the input) and its session."""
@@ -313,10 +333,14 @@ class Explainer:
                   wanted: Sequence[str], batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Run ``feeds`` (all batched alike) in chunks of ``batch_size`` (default: the
         explainer's), or of the export's fixed batch; outputs concatenated."""
-        static = self.graph.static_batch() or 1
+        static = self._static_batch
         step = (batch_size or self.batch_size) if rewritten.batch_dynamic else static
         total = len(next(iter(feeds.values())))
         wanted = [n for n in dict.fromkeys(wanted) if n in session.output_names]
+        if total <= step and (rewritten.batch_dynamic or total == step):
+            outputs = session.run(feeds, wanted)  # one run: its outputs as they come, no concatenation copy
+            check_batch(outputs, total, self.source)
+            return outputs
         chunks = []
         for start in range(0, total, step):
             chunk = {k: v[start:start + step] for k, v in feeds.items()}
@@ -359,10 +383,18 @@ class Explainer:
             return dense_outputs.resolve(self.dense, targets, batch, topk)
         return resolve_targets(targets, batch, self._classes(), topk)
 
+    @functools.cached_property
+    def _static_batch(self) -> int:
+        """The export's fixed batch (1 when dynamic), read once: run_model is per call."""
+        return self.graph.static_batch() or 1
+
     def _classes(self) -> int:
+        if self._class_count:
+            return self._class_count
         classes = self.num_classes
         if classes is None:
             raise OnnxcamError(f"{self.source}: the logits' class dimension is not static")
+        self._class_count = classes
         return classes
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
@@ -539,6 +571,9 @@ class Explainer:
         return gradients, provider
 
     def _gradient_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
+        parts = self._in_graph_parts(x, spec, wanted, options, forward)
+        if parts is not None:
+            return parts
         parts = self._layer_gradients(x, wanted, forward)
         if spec.weights is not None:
             parts.weights = {name: spec.channel_weights(_flat(A, parts.targets), _merge(parts.gradients[name]))
@@ -546,6 +581,82 @@ class Explainer:
                              for name, A in parts.activations.items()}
         parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
         return parts
+
+    def _in_graph_parts(self, x, spec: Method, wanted: TargetSet, options: Options,
+                        forward: _Lazy) -> _Parts | None:
+        """Logits, activations, gradients, weights and maps from one run of a rewrite that
+        computes the maps too (:mod:`onnxcam.ingraph`), for several targets one run of the
+        head with maps; None where that does not apply (eigen_smooth, a projection method,
+        several targets with several layers or a dynamic input size) or the graph cannot take
+        the formula: the numpy path then."""
+        if not (self.in_graph_maps and in_graph(spec) and not options.eigen_smooth):
+            return None
+        if wanted.seeds is not None and wanted.seeds.shape[1] > 1:
+            return self._in_graph_head_parts(spec, wanted, forward)
+        request = self._map_requests.get(spec.name)
+        if request is None:  # built once per method: hashing it is per call
+            maps = MapRequest(spec.name, self.input_layout, tuple(l.layout for l in self.targets_layers))
+            request = self._map_requests[spec.name] = RewriteRequest(self._layer_names, self.logits_name, maps=maps)
+        found = self._maps_session(request)
+        if found is None:
+            return None
+        rewritten, session = found
+        seeds = np.zeros((len(x), self._classes()), np.float32) if wanted.seeds is None else wanted.seeds[:, 0]
+        names = [rewritten.logits, *rewritten.layers, *rewritten.gradients.values(),
+                 *rewritten.weights.values(), rewritten.heatmap]
+        outputs = self.run_model(rewritten, session, {rewritten.input: x, SEED: seeds}, names)
+        logits = outputs[rewritten.logits]
+        layers = self.targets_layers
+        return _Parts(wanted.resolve(logits), logits, session.provider,
+                      {l.name: self.to_nchw(l, outputs[l.name]) for l in layers},
+                      {l.name: self.to_nchw(l, outputs[rewritten.gradients[l.name]])[:, None] for l in layers},
+                      {name: outputs[output][:, None] for name, output in rewritten.weights.items()},
+                      outputs[rewritten.heatmap])
+
+    def _in_graph_head_parts(self, spec: Method, wanted: TargetSet, forward: _Lazy) -> _Parts | None:
+        """Several targets, one layer: the forward model once, then the head cut at the layer
+        fed the activation once per target, computing gradients, weights and maps."""
+        if len(self.targets_layers) != 1 or self.input_size is None:
+            return None
+        layer = self.targets_layers[0]
+        try:
+            self.frontier(layer.name)
+        except LayerError:
+            return None
+        maps = MapRequest(spec.name, self.input_layout, (layer.layout,), size=tuple(self.input_size))
+        found = self._maps_session(RewriteRequest((layer.name,), self.logits_name, head=layer.name, maps=maps),
+                                   UnsupportedOpError)
+        if found is None:
+            return None
+        rewritten, session = found
+        outputs = forward()
+        count, targets = wanted.seeds.shape[:2]
+        feeds = {name: np.repeat(outputs[name], targets, axis=0) for name in (layer.name, *rewritten.extra_inputs)}
+        feeds[SEED] = _merge(wanted.seeds)
+        gradient = rewritten.gradients[layer.name]
+        out = self.run_model(rewritten, session, feeds, [gradient, *rewritten.weights.values(), rewritten.heatmap])
+        nchw = self.to_nchw(layer, out[gradient])
+        return _Parts(wanted, outputs[self.logits_name], session.provider,
+                      {layer.name: self.to_nchw(layer, outputs[layer.name])},
+                      {layer.name: nchw.reshape((count, targets) + nchw.shape[1:])},
+                      {name: out[output].reshape(count, targets, -1) for name, output in rewritten.weights.items()},
+                      out[rewritten.heatmap])
+
+    def _maps_session(self, request: RewriteRequest, *fallback: type[Exception]) -> tuple[Rewritten, Session] | None:
+        """The session of a rewrite with in-graph maps or masks; None (and remembered) when
+        its extra nodes cannot be built or loaded, or on a ``fallback`` error."""
+        if request in self._not_in_graph:
+            return None
+        try:
+            return self.session(request)
+        except fallback:
+            pass
+        except (UnsupportedOpError, LayerError, ModelError):
+            raise  # the model's own problem: the plain rewrite reports the same
+        except Exception:  # noqa: BLE001 - the extra nodes failed: numpy computes the maps
+            pass
+        self._not_in_graph.add(request)
+        return None
 
     def _activation_parts(self, x, spec: Method, wanted: TargetSet, options: Options, forward: _Lazy) -> _Parts:
         parts = self._forward_parts(wanted, forward)
@@ -571,7 +682,8 @@ class Explainer:
                                       batch)[rewritten.logits]
 
             parts.weights = {name: perturbation.scorecam_weights(x, A, wanted.seeds, score, self.input_layout,
-                                                                 batch, options.max_channels)
+                                                                 batch, options.max_channels,
+                                                                 self._masked_scores(x, A.shape[2:], batch))
                              for name, A in parts.activations.items()}
         else:
             parts.weights = {l.name: perturbation.ablationcam_weights(
@@ -579,6 +691,27 @@ class Explainer:
                 for l in self.targets_layers}
         parts.maps = self._activation_maps(spec, parts, self._input_hw(x), options.eigen_smooth)
         return parts
+
+    def _masked_scores(self, x: np.ndarray, map_size: tuple[int, ...], batch: int) -> perturbation.MaskedFn | None:
+        """Score-CAM's masked images built and run inside onnxruntime (a forward model whose
+        input is multiplied by masks made in the graph, :func:`onnxcam.ingraph.feed_masked`):
+        per batch only the channel maps (B, h, w) go in and the logits come out. None (numpy
+        builds the masks) without a static input size or when the graph cannot be built."""
+        if not self.in_graph_maps or self.input_size is None or (self.graph.static_batch() or 1) != 1:
+            return None
+        found = self._maps_session(RewriteRequest((), self.logits_name, gradient=False,
+                                                  masks=MaskRequest(self.input_layout, tuple(int(d) for d in map_size))))
+        if found is None:
+            return None
+        rewritten, session = found
+        step = batch if rewritten.batch_dynamic else 1
+        logits = rewritten.logits
+
+        def masked(n: int, channels: np.ndarray) -> np.ndarray:
+            image, sources = x[n:n + 1], channels.astype(np.float64)
+            return np.concatenate([session.run({rewritten.input: image, MASK_SOURCE: sources[start:start + step]},
+                                               [logits])[logits] for start in range(0, len(sources), step)])
+        return masked
 
     def _ablation_head(self, layer: Layer, outputs: dict[str, np.ndarray]) -> perturbation.HeadFn:
         """logits from (modified) activations of one image, through the head cut at ``layer``."""

@@ -20,7 +20,8 @@ the activation ``A`` and ``G = d score / d A``), with three additions in standar
    (:meth:`onnxcam.methods.Method.raw_map`) on :class:`Traced` tensors that emit a node for each
    numpy operation, so the exported formula is the library's, never a second copy; CAM's
    weights are the rows of the head matrix :func:`onnxcam.head.linear_head` gathered by ``t``;
-3. :func:`onnxcam.methods.combine_layers`' post-processing for one layer: ``nan_to_num``, ReLU,
+3. :func:`onnxcam.methods.combine_layers`' post-processing for one layer (:mod:`onnxcam.ingraph`,
+   which the Explainer's own in-graph maps use too): ``nan_to_num``, ReLU,
    ``(m - min) / (max + 1e-7)`` per image, bilinear resize (``cv2.resize`` INTER_LINEAR is
    ONNX Resize linear with ``half_pixel`` coordinates: both sample ``x_in = (x_out + 0.5) / s
    - 0.5`` clamped to the border, and cv2's switch to INTER_AREA for an exact 2x downscale
@@ -48,6 +49,8 @@ from .errors import LayerError, OnnxcamError, OnnxcamWarning
 from .explainer import Explainer
 from .head import linear_head
 from .images import METADATA_LABELS, METADATA_PREPROCESS, Preprocess, preprocess_to_metadata
+from .ingraph import Traced, input_hw, static_hw, to_nchw
+from .ingraph import post_process as _post_process
 from .methods import METHODS, Method
 from .model import Layer, opset_of
 from .cache import cached_rewrite
@@ -59,11 +62,6 @@ from .surgery import METADATA_KEY, SEED, RewriteRequest, Rewritten, rewrite
 TARGET = "target"
 HEATMAP = "heatmap"
 TARGET_CLASS = "target_class"
-#: scale_maps' epsilon in ``(m - min) / (max + eps)`` (pytorch-grad-cam's scale_cam_image).
-SCALE_EPS = 1e-7
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-#: Axis of H in the image input, by layout (Explainer.input_layout).
-_H_AXIS = {"NCHW": 2, "NHWC": 1}
 
 
 def exportable_methods() -> list[str]:
@@ -129,7 +127,7 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
     if taken:
         raise OnnxcamError(f"{explainer.source}: the model already has a tensor named '{taken[0]}'")
     image, logits = tensors[rewritten.input], tensors[rewritten.logits]
-    hw = _input_hw(b, image, explainer.input_layout)
+    hw = input_hw(b, image, explainer.input_layout)
     if topk is None:
         target = gs.Variable(TARGET, np.int64, [(image.shape or [None])[0]])
         target_class = _target_class(b, target, logits)
@@ -267,51 +265,7 @@ def _to_nchw(b: Emitter, tensor: gs.Tensor, layer: Layer) -> gs.Tensor:
     """The methods' formulas index (N, C, h, w), as the Explainer's ``to_nchw``."""
     if layer.grid is not None:
         return emit_to_nchw(b, tensor, layer.grid)
-    return b.transpose(tensor, [0, 3, 1, 2]) if layer.layout == "NHWC" else tensor
-
-
-def _static_hw(image: gs.Tensor, layout: str) -> list[int | None]:
-    """The image's (H, W) where fixed, else None, from its layout."""
-    start = _H_AXIS[layout]
-    dims = list(image.shape or [None] * 4)[start:start + 2]
-    return [d if isinstance(d, int) and d > 0 else None for d in dims]
-
-
-def _input_hw(b: Emitter, image: gs.Tensor, layout: str) -> gs.Tensor:
-    """The image's (H, W) as int64 [2]: constants when static, else read from its shape."""
-    dims = _static_hw(image, layout)
-    if None not in dims:
-        return b.ints(dims)
-    return b.shape(image, start=_H_AXIS[layout], end=_H_AXIS[layout] + 2)
-
-
-def _scale(b: Emitter, maps: gs.Tensor) -> gs.Tensor:
-    r"""scale_maps before its resize, per image of (N, h, w): nan -> 0, +inf -> float max
-    (``np.nan_to_num``), :math:`m = \mathrm{relu}(m)`, :math:`(m - \min m) / (\max(m - \min m) + 10^{-7})`."""
-    finite = b.where(b.op("IsNaN", maps), 0.0, maps)
-    rectified = b.op("Min", b.op("Relu", finite), _FLOAT32_MAX)
-    shifted = b.sub(rectified, b.reduce("ReduceMin", rectified, [1, 2]))
-    return b.div(shifted, b.add(b.reduce("ReduceMax", shifted, [1, 2]), SCALE_EPS))
-
-
-def _clip01(b: Emitter, maps: gs.Tensor) -> gs.Tensor:
-    return b.op("Clip", maps, b.const(np.float32(0)), b.const(np.float32(1)))
-
-
-def _resize(b: Emitter, maps: gs.Tensor, hw: gs.Tensor) -> gs.Tensor:
-    """(N, h, w) -> (N, H, W) as ``cv2.resize(m, (W, H), INTER_LINEAR)`` per map (see the
-    module docstring); sizes rather than scales, so H, W are exact."""
-    batched = b.unsqueeze(maps, [1])
-    sizes = b.concat([b.shape(batched, end=2), hw], axis=0)
-    resized = b.op("Resize", batched, None, None, sizes, mode="linear",
-                   coordinate_transformation_mode="half_pixel")
-    return b.squeeze(resized, [1])
-
-
-def _post_process(b: Emitter, raw: gs.Tensor, hw: gs.Tensor) -> gs.Tensor:
-    """combine_layers([raw], size) for one layer: scale_maps(raw, size), then scale_maps()."""
-    resized = _clip01(b, _resize(b, _scale(b, raw), hw))
-    return _clip01(b, _scale(b, resized))
+    return to_nchw(b, tensor, layer.layout)
 
 
 # -- several classes in one run -----------------------------------------------------------------
@@ -400,7 +354,7 @@ def _finish_outputs(graph: gs.Graph, explainer: Explainer, logits_name: str, tar
     names = [o.name for o in explainer.graph.outputs]
     names += [logits_name] if logits_name not in names else []
     per_image = [batch] if topk is None else [batch, int(topk)]
-    heatmap = _named(graph, heatmap, HEATMAP, np.float32, [*per_image, *_static_hw(image, explainer.input_layout)])
+    heatmap = _named(graph, heatmap, HEATMAP, np.float32, [*per_image, *static_hw(image, explainer.input_layout)])
     target_class = _named(graph, target_class, TARGET_CLASS, np.int64, per_image)
     outputs = [tensors[n] for n in names] + [heatmap, target_class]
     for tensor in outputs:
@@ -454,72 +408,3 @@ def _source_sha256(explainer: Explainer) -> str:
                 digest.update(block)
         return digest.hexdigest()
     return large_models.fingerprint(explainer.graph.model).hexdigest()
-
-
-# -- numpy formulas as graphs -----------------------------------------------------------------
-
-class Traced:
-    """A graph tensor that :mod:`onnxcam.methods`' numpy formulas run on unchanged.
-
-    Each operation they use emits one ONNX node through the emitter: the arithmetic operators
-    and ``**``, ``!=`` / ``==`` / ``>``, ``np.maximum`` (``__array_ufunc__``), ``np.where``
-    (``__array_function__``), ``.sum`` / ``.mean`` over axes, and indexing with full slices
-    and ``None`` (new axes). Anything else raises, so a formula that cannot be exported
-    fails loudly instead of exporting something else.
-    """
-
-    __array_priority__ = 1000  # numpy defers ``scalar * traced`` to us
-    __hash__ = None  # __eq__ builds a node
-
-    _UFUNCS = {np.maximum: "Max", np.minimum: "Min", np.add: "Add", np.subtract: "Sub",
-               np.multiply: "Mul", np.true_divide: "Div", np.power: "Pow"}
-
-    def __init__(self, b: Emitter, tensor: gs.Tensor):
-        self.b, self.tensor = b, tensor
-
-    def _node(self, op: str, *operands) -> Traced:
-        inputs = [o.tensor if isinstance(o, Traced) else o for o in operands]
-        return Traced(self.b, self.b.op(op, *inputs))
-
-    def __add__(self, o): return self._node("Add", self, o)
-    def __radd__(self, o): return self._node("Add", o, self)
-    def __sub__(self, o): return self._node("Sub", self, o)
-    def __rsub__(self, o): return self._node("Sub", o, self)
-    def __mul__(self, o): return self._node("Mul", self, o)
-    def __rmul__(self, o): return self._node("Mul", o, self)
-    def __truediv__(self, o): return self._node("Div", self, o)
-    def __rtruediv__(self, o): return self._node("Div", o, self)
-    def __pow__(self, o): return self._node("Pow", self, o)
-    def __neg__(self): return self._node("Neg", self)
-    def __matmul__(self, o): return self._node("MatMul", self, o)
-    def __rmatmul__(self, o): return self._node("MatMul", o, self)
-    def __eq__(self, o): return self._node("Equal", self, o)
-    def __ne__(self, o): return self._node("Not", self == o)
-    def __gt__(self, o): return self._node("Greater", self, o)
-    def __lt__(self, o): return self._node("Less", self, o)
-
-    def sum(self, axis: int | Sequence[int], keepdims: bool = False) -> Traced:
-        return Traced(self.b, self.b.reduce_sum(self.tensor, _axes(axis), keepdims))
-
-    def mean(self, axis: int | Sequence[int], keepdims: bool = False) -> Traced:
-        return Traced(self.b, self.b.reduce_mean(self.tensor, _axes(axis), keepdims))
-
-    def __getitem__(self, key) -> Traced:
-        key = key if isinstance(key, tuple) else (key,)
-        if not all(k is None or k == slice(None) for k in key):
-            raise NotImplementedError(f"only [:, None]-style indexing is exported, got {key}")
-        return Traced(self.b, self.b.unsqueeze(self.tensor, [i for i, k in enumerate(key) if k is None]))
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        if method != "__call__" or kwargs or ufunc not in self._UFUNCS:
-            raise NotImplementedError(f"np.{ufunc.__name__} is not exported")
-        return self._node(self._UFUNCS[ufunc], *inputs)
-
-    def __array_function__(self, func, types, args, kwargs):
-        if func is not np.where or kwargs or len(args) != 3:
-            raise NotImplementedError(f"np.{func.__name__} is not exported")
-        return self._node("Where", *args)
-
-
-def _axes(axis: int | Sequence[int]) -> list[int]:
-    return [axis] if isinstance(axis, int) else list(axis)

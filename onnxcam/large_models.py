@@ -95,13 +95,18 @@ def on_skeleton(model: onnx.ModelProto, transform: Callable[[onnx.ModelProto], o
     return attach(transform(skeleton), weights)
 
 
-def infer_shapes(model: onnx.ModelProto, **options: Any) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes`` for models of any size. A large model is
-    annotated in place (its value_info and outputs replaced by the inferred ones) rather than
-    copied: every copy of a multi-GB model is that much more memory."""
-    if not is_large(model):
-        return onnx.shape_inference.infer_shapes(model, **options)
+def infer_shapes(model: onnx.ModelProto, in_place: bool = False, **options: Any) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes`` for models of any size, run on the skeleton
+    (inference on the whole model serializes it, parses it in C++ and back: four copies of
+    the weights at once, resnet50 a 587 MiB peak to load it). A small model's result is one
+    copy of it with the inferred value_info and outputs, as onnx's own; a large model is
+    annotated in place rather than copied: every copy of a multi-GB model is that much more
+    memory; ``in_place`` annotates a small model in place too."""
     inferred = onnx.shape_inference.infer_shapes(detach(model)[0], **options)
+    if not in_place and not is_large(model):
+        annotated = onnx.ModelProto()
+        annotated.CopyFrom(model)
+        model = annotated
     for name in ("value_info", "output"):
         field = getattr(model.graph, name)
         del field[:]

@@ -143,18 +143,19 @@ def first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def with_shapes(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelProto:
     """The model with value_info for every tensor whose shape can be known.
 
     ONNX shape inference (with data propagation) first. Exports with a dynamic batch often
     compute Reshape targets at run time (ShuffleNet's channel shuffle: Shape -> Gather -> Div
     -> Concat), which inference cannot follow, leaving every later tensor shapeless; those
-    shapes are then read off one onnxruntime run at batch 1, the batch put back symbolic."""
+    shapes are then read off one onnxruntime run at batch 1, the batch put back symbolic.
+    ``in_place``: annotate ``model`` itself rather than a copy (no copy of its weights)."""
     try:
-        inferred = large_models.infer_shapes(model, data_prop=True)
+        inferred = large_models.infer_shapes(model, in_place, data_prop=True)
     except Exception:  # noqa: BLE001 - a model ORT can run may still trip the strict checker
         try:
-            inferred = large_models.infer_shapes(model)
+            inferred = large_models.infer_shapes(model, in_place)
         except Exception:  # noqa: BLE001
             return model
     return _shapes_from_a_run(inferred)

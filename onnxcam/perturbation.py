@@ -18,6 +18,9 @@ import numpy as np
 ForwardFn = Callable[[np.ndarray], np.ndarray]
 #: logits (B, C) for a batch of layer activations (NCHW) and one image's frontier tensors
 HeadFn = Callable[[np.ndarray, int], np.ndarray]
+#: logits (B, C) of image ``n`` times the Score-CAM masks of channels (B, h, w):
+#: ``forward(x[n] * upsampled_masks(channels))``, e.g. built in the graph (:mod:`onnxcam.ingraph`)
+MaskedFn = Callable[[int, np.ndarray], np.ndarray]
 
 
 def bilinear_matrix(size_out: int, size_in: int) -> np.ndarray:
@@ -64,9 +67,9 @@ def highest_variance_channels(activations: np.ndarray, count: int | None) -> np.
     return np.sort(np.argsort(-spread, kind="stable")[:count])
 
 
-def scorecam_weights(x: np.ndarray, A: np.ndarray, seeds: np.ndarray, forward: ForwardFn,
+def scorecam_weights(x: np.ndarray, A: np.ndarray, seeds: np.ndarray, forward: ForwardFn | None,
                      layout: str = "NCHW", batch_size: int = 16,
-                     max_channels: int | None = None) -> np.ndarray:
+                     max_channels: int | None = None, masked: MaskedFn | None = None) -> np.ndarray:
     r"""Score-CAM (Wang et al., "Score-CAM: Score-Weighted Visual Explanations for CNNs",
     CVPRW 2020), as pytorch-grad-cam:
 
@@ -81,16 +84,21 @@ def scorecam_weights(x: np.ndarray, A: np.ndarray, seeds: np.ndarray, forward: F
     (:func:`distinct_masks`): every spatially constant channel has the all-zero mask
     (``up(c) - min = 0``), and after the last ReLU of a CNN many channels are all zero (on the
     MobileNets 9-34 % of them on photos, 64-75 % on a black image). Masks are built one batch
-    at a time, so memory is bounded by a batch whatever K is.
+    at a time, so memory is bounded by a batch whatever K is. ``masked`` scores a batch of
+    masks directly (the masked images never reach Python); by default they are built here
+    and run through ``forward``.
     """
-    size = x.shape[2:4] if layout == "NCHW" else x.shape[1:3]
+    if masked is None:
+        size = x.shape[2:4] if layout == "NCHW" else x.shape[1:3]
+
+        def masked(n: int, channels: np.ndarray) -> np.ndarray:
+            return forward(_masked(x[n], upsampled_masks(channels, size), layout))
     weights = np.zeros(seeds.shape[:2] + (A.shape[1],), np.float32)
     for n in range(len(x)):
         kept = highest_variance_channels(A[n], max_channels)
         distinct, which = distinct_masks(A[n][kept])
-        logits = np.concatenate([
-            forward(_masked(x[n], upsampled_masks(distinct[start:start + batch_size], size), layout))
-            for start in range(0, len(distinct), batch_size)])
+        logits = np.concatenate([masked(n, distinct[start:start + batch_size])
+                                 for start in range(0, len(distinct), batch_size)])
         scores = target_scores(logits, seeds[n])[which]  # (kept, T): each channel gets its mask's score
         weights[n][:, kept] = softmax(scores.T.astype(np.float64), axis=-1)
     return weights

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from .autodiff.rules import VJP, Rule
 from . import large_models
 from .attention import fused_hint
 from .errors import LayerError, ModelError, UnsupportedOpError
+from .ingraph import HEATMAP_OUTPUT, MASK_SOURCE, WEIGHTS_PREFIX, MapRequest, MaskRequest, emit_maps, feed_masked
 from .model import ModelGraph, first_line, opset_of, with_shapes
 from .validate_model import quantized_ops_hint
 
@@ -65,7 +66,9 @@ class RewriteRequest:
 
     ``gradient=False`` builds a forward-only model (no seed input) exposing ``layers``;
     ``head=A`` cuts the model at tensor ``A`` (see the module docstring); ``layers`` is then
-    ``(A,)`` when the gradient is wanted.
+    ``(A,)`` when the gradient is wanted. ``maps`` also computes a method's heatmap and
+    channel weights in the graph (:mod:`onnxcam.ingraph`); ``masks`` (forward-only) feeds the
+    model Score-CAM's masked images, built in the graph from activations.
     """
 
     layers: tuple[str, ...]
@@ -75,6 +78,8 @@ class RewriteRequest:
     dynamic_batch: bool = True
     gradient: bool = True
     head: str | None = None
+    maps: MapRequest | None = None
+    masks: MaskRequest | None = None
 
 
 @dataclass
@@ -91,6 +96,9 @@ class Rewritten:
     extra_inputs: tuple[str, ...] = ()
     #: where the model was read from (a cache entry), for error messages; None when built
     origin: str | None = None
+    #: with ``RewriteRequest.maps``: the heatmap output, and each layer's weights output
+    heatmap: str | None = None
+    weights: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_seed(self) -> bool:
@@ -103,7 +111,8 @@ class Rewritten:
                 info = json.loads(prop.value)
                 return Rewritten(model, info["input"], info["logits"], tuple(info["layers"]),
                                  info["gradients"], info["batch_dynamic"],
-                                 tuple(info.get("extra_inputs", ())))
+                                 tuple(info.get("extra_inputs", ())), heatmap=info.get("heatmap"),
+                                 weights=info.get("weights", {}))
         raise ModelError("not a model rewritten by onnxcam (no onnxcam.rewrite metadata)")
 
 
@@ -274,6 +283,8 @@ def _cut(graph: gs.Graph, tensors, request: RewriteRequest, source: str) -> None
 def _build_forward(graph: gs.Graph, tensors, request: RewriteRequest, opset: int) -> Rewritten:
     """Forward only: the logits and the ``layers`` tensors as outputs, no seed input."""
     input_name = _data_input(graph).name
+    if request.masks is not None:
+        feed_masked(Emitter(graph, opset, np.float32, prefix="onnxcam_masks"), _data_input(graph), request.masks)
     logits = tensors[request.logits]
     outputs = list(graph.outputs)
     for tensor in [logits] + [tensors[name] for name in request.layers]:
@@ -293,7 +304,7 @@ def _build_forward(graph: gs.Graph, tensors, request: RewriteRequest, opset: int
 
 
 def _extra_inputs(graph: gs.Graph, input_name: str) -> tuple[str, ...]:
-    return tuple(t.name for t in graph.inputs if t.name not in (input_name, SEED))
+    return tuple(t.name for t in graph.inputs if t.name not in (input_name, SEED, MASK_SOURCE))
 
 
 def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset: int,
@@ -326,6 +337,9 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
         grad.dtype, grad.shape = float_dtype, tensor.shape
         gradient_names[tensor.name] = grad.name
         outputs.append(grad)
+    heatmap, weight_names = None, {}
+    if request.maps is not None:
+        heatmap, weight_names = _emit_maps(emitter, request, tensors, grads, _data_input(graph), outputs)
     for tensor in outputs:
         if tensor.dtype is None:
             tensor.dtype = float_dtype
@@ -336,9 +350,28 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
     opset = max(opset, 13)
     model.ir_version = _IR_FOR_OPSET.get(opset, 10)
     rewritten = Rewritten(model, input_name, logits.name, tuple(request.layers), gradient_names,
-                          batch_dynamic=False, extra_inputs=_extra_inputs(graph, input_name))
+                          batch_dynamic=False, extra_inputs=_extra_inputs(graph, input_name),
+                          heatmap=heatmap, weights=weight_names)
     _store_metadata(rewritten)
     return rewritten
+
+
+def _emit_maps(b: Emitter, request: RewriteRequest, tensors, grads, image: gs.Tensor,
+               outputs: list) -> tuple[str, dict[str, str]]:
+    """The method's heatmap and channel weights as outputs (:func:`onnxcam.ingraph.emit_maps`)."""
+    heatmap, weights = emit_maps(b, request.maps, [tensors[n] for n in request.layers],
+                                 grads[:len(request.layers)], image)
+    heatmap = b.op("Identity", heatmap)
+    heatmap.name, heatmap.dtype = HEATMAP_OUTPUT, np.float32
+    outputs.append(heatmap)
+    names = {}
+    for layer, tensor in zip(request.layers, weights):
+        if tensor is not None:
+            tensor = b.op("Identity", tensor)
+            tensor.name, tensor.dtype = WEIGHTS_PREFIX + layer, np.float32
+            names[layer] = tensor.name
+            outputs.append(tensor)
+    return heatmap.name, names
 
 
 def _default_to_top1(b: Emitter, seed: gs.Tensor, logits: gs.Tensor) -> gs.Tensor:
@@ -357,6 +390,8 @@ def _store_metadata(rewritten: Rewritten) -> None:
     info = {"input": rewritten.input, "logits": rewritten.logits, "layers": list(rewritten.layers),
             "gradients": rewritten.gradients, "batch_dynamic": rewritten.batch_dynamic,
             "extra_inputs": list(rewritten.extra_inputs)}
+    if rewritten.heatmap is not None:
+        info.update(heatmap=rewritten.heatmap, weights=rewritten.weights)
     props = [p for p in rewritten.model.metadata_props if p.key != METADATA_KEY]
     del rewritten.model.metadata_props[:]
     rewritten.model.metadata_props.extend(props)
@@ -365,7 +400,7 @@ def _store_metadata(rewritten: Rewritten) -> None:
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(with_shapes(model))
+    return gs.import_onnx(with_shapes(model, in_place=True))  # value_info only: no copy of the weights
 
 
 def _data_input(graph: gs.Graph) -> gs.Variable:
@@ -443,6 +478,7 @@ def _try_dynamic_batch(static: Rewritten, threads: int = 0) -> Rewritten | None:
         options.log_severity_level = 4
         if threads:
             options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.disable_prepacking", "1")  # no packed weight copies
         session = large_models.session(dynamic_model, options, ["CPUExecutionProvider"])
         feeds = _probe_feeds(session, batch=3)
         batched = session.run(None, feeds)
@@ -454,8 +490,7 @@ def _try_dynamic_batch(static: Rewritten, threads: int = 0) -> Rewritten | None:
         scale = max(float(np.abs(joined).max()), 1e-6)
         if value.shape != joined.shape or float(np.abs(value - joined).max()) > 1e-4 * scale:
             return None
-    dynamic = Rewritten(dynamic_model, static.input, static.logits, static.layers,
-                        static.gradients, batch_dynamic=True, extra_inputs=static.extra_inputs)
+    dynamic = replace(static, model=dynamic_model, batch_dynamic=True)
     _store_metadata(dynamic)
     return dynamic
 
@@ -468,7 +503,8 @@ def _probe_feeds(session, batch: int) -> dict[str, np.ndarray]:
         if value.name == SEED:
             feeds[value.name] = np.zeros(shape, np.float32)
         else:
-            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+            dtype = np.float64 if value.type == "tensor(double)" else np.float32
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
 
 

@@ -36,14 +36,16 @@ class TargetSet:
             return self
         if self.resolver is not None:
             return self.resolver(logits)
-        classes = np.argsort(-logits, axis=1, kind="stable")[:, :self.topk]
+        classes = (np.argmax(logits, axis=1)[:, None] if self.topk == 1  # the first maximum, as argsort's
+                   else np.argsort(-logits, axis=1, kind="stable")[:, :self.topk])
         return TargetSet(one_hot(classes, logits.shape[1]), classes, self.multi, self.topk)
 
 
 def one_hot(classes: np.ndarray, count: int) -> np.ndarray:
     """Seed vectors (..., count) with a 1 at each class."""
     seeds = np.zeros(classes.shape + (count,), np.float32)
-    np.put_along_axis(seeds, classes[..., None], 1.0, axis=-1)
+    rows = seeds.reshape(-1, count)  # a view: flat indexing is several times faster than put_along_axis
+    rows[np.arange(len(rows)), np.asarray(classes).reshape(-1)] = 1.0
     return seeds
 
 

@@ -63,12 +63,13 @@ def test_zeroed_bytes_inside_an_entry_are_detected_and_rebuilt(mobilenet_small, 
     middle = len(raw) // 2
     raw[middle:middle + 65536] = bytes(65536)
     entry.write_bytes(bytes(raw))
+    explainer = Explainer(mobilenet_small, provider="cpu")
     with pytest.warns(OnnxcamWarning, match=f"{entry}.*SHA-256.*rebuilding"):
-        again = Explainer(mobilenet_small, provider="cpu").explain(x)
+        again = explainer.explain(x)
     np.testing.assert_array_equal(again.targets, reference.targets)
     np.testing.assert_allclose(again.logits, reference.logits, rtol=1e-5, atol=1e-5)
-    _, hit = _no_warning_hit(load_model(mobilenet_small), RewriteRequest(
-        (again.layers[0],), Explainer(mobilenet_small, cache=False).logits_name), folder)
+    (request,) = explainer._sessions  # the request the Explainer rewrote for (in-graph maps included)
+    _, hit = _no_warning_hit(load_model(mobilenet_small), request, folder)
     assert hit  # the rebuilt entry verifies
 
 
@@ -187,6 +188,7 @@ def test_an_error_from_a_cached_entry_names_the_file(folder, monkeypatch):
     key = cache_key(model, REQUEST)
     cache._store(folder, key, cache.large_models.fingerprint(model).hexdigest(), REQUEST, "x", broken)
     explainer = Explainer(model, provider="cpu")
+    explainer.in_graph_maps = False  # the plain gradient rewrite, REQUEST (not the in-graph maps' one)
     with pytest.raises(OnnxcamError, match=f"cannot load the model \\(cached rewrite {folder / key}.onnx; "
                                            "'onnxcam cache clear' removes it\\)"):
         explainer.explain(np.zeros((1, 3, 16, 16), np.float32))

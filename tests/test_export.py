@@ -56,7 +56,9 @@ def exported(model_key: str, method: str) -> onnx.ModelProto:
 @lru_cache(maxsize=None)
 def explainer(model_key: str) -> Explainer:
     factory, layer = MODELS[model_key]
-    return Explainer(factory(), layer=layer)
+    reference = Explainer(factory(), layer=layer)
+    reference.in_graph_maps = False  # numpy's maps: the reference, not the graph's own (onnxcam/ingraph.py)
+    return reference
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:

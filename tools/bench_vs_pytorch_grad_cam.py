@@ -96,6 +96,7 @@ ARCHS: dict[str, Arch] = {
                          "features[-1]"),
     "convnext_tiny": Arch(lambda: torchvision.models.convnext_tiny(weights=None), lambda m: m.features[-1],
                           "features[-1]"),
+    "vgg16": Arch(lambda: torchvision.models.vgg16(weights=None), lambda m: m.features[-1], "features[-1]"),
 }
 
 PGC_METHODS = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "scorecam": pgc.ScoreCAM}
@@ -290,7 +291,8 @@ HEADER = (f"{'model':<13} {'method':<27} {'batch':>5} {'pytorch-grad-cam ms':>19
           f"{'speed-up':>8} {'onnxcam/fwd':>11} {'pgc/fwd':>8} {'r':>9} {'max|diff|':>9}")
 
 
-def interleaved(calls: list[Callable[[], object]], repeats: int, settle: float) -> list[list[float]]:
+def interleaved(calls: list[Callable[[], object]], repeats: int, settle: float,
+                clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
     """Seconds of each call, ``repeats`` rounds over all of them, so that a burst of load from
     elsewhere on the machine hits every call alike. No warm-up round here: the caller has
     already run every call once (the map check), sessions built and caches filled.
@@ -300,20 +302,23 @@ def interleaved(calls: list[Callable[[], object]], repeats: int, settle: float) 
     few cores they steal the cores of the other runtime's next call (measured here on 2
     cores: torch's mobilenet_v2 forward 39-53 ms right after an onnxruntime run, 15-20 ms
     alone; with a 50 ms pause, as alone). Both runtimes keep their default spinning, as users
-    get them."""
+    get them. ``clock``: ``time.thread_time`` measures the calling thread's CPU time (with one
+    thread per runtime the whole call runs there), less sensitive to load from elsewhere."""
     times = [[] for _ in calls]
     for _ in range(repeats):
         for call, spent in zip(calls, times):
             time.sleep(settle)
-            started = time.perf_counter()
+            started = clock()
             call()
-            spent.append(time.perf_counter() - started)
+            spent.append(clock() - started)
     return times
 
 
-def run_group(bench: Bench, rows: list[Row], batch: int, repeats: int, settle: float) -> None:
+def run_group(bench: Bench, rows: list[Row], batch: int, repeats: int, settle: float,
+              clock: Callable[[], float] = time.perf_counter) -> list[dict]:
     """Check every row's maps (also the warm-up), time its calls and the plain forwards at
-    ``batch`` (the images of the rows) interleaved, print the rows."""
+    ``batch`` (the images of the rows) interleaved, print the rows; returns them as dicts
+    (milliseconds, medians and best; ratios of medians)."""
     forwards = bench.forwards(batch)
     for call in forwards:
         call()
@@ -325,15 +330,20 @@ def run_group(bench: Bench, rows: list[Row], batch: int, repeats: int, settle: f
             print(f"WARNING {bench.name} {row.method} batch {row.batch}: maps differ, r = {r:.6f}, "
                   f"max |diff| = {diff:.2e} (expected r >= {MIN_R}, max |diff| <= {MAX_DIFF})", flush=True)
     times = [ms(t) for t in interleaved([*forwards, *(c for row in rows for c in (row.pgc, row.onnxcam))],
-                                         repeats, settle)]
+                                         repeats, settle, clock)]
     torch_fwd, ort_fwd = times[:2]
     print(f"{bench.name:<13} {'forward (torch | ort)':<27} {batch:>5} {cell(torch_fwd)} {cell(ort_fwd)} "
           f"{torch_fwd[0] / ort_fwd[0]:>7.2f}x", flush=True)
+    results = [{"model": bench.name, "row": "forward", "batch": batch, "pgc_ms": torch_fwd, "onnxcam_ms": ort_fwd}]
     for row, (r, diff), theirs, ours in zip(rows, checks, times[2::2], times[3::2]):
+        results.append({"model": bench.name, "row": row.method, "batch": row.batch, "pgc_ms": theirs,
+                        "onnxcam_ms": ours, "speedup": theirs[0] / ours[0], "onnxcam_over_forward": ours[0] / ort_fwd[0],
+                        "pgc_over_forward": theirs[0] / torch_fwd[0], "r": r, "max_diff": diff})
         flag = "" if r >= MIN_R and diff <= MAX_DIFF else " !"
         print(f"{bench.name:<13} {row.method:<27} {row.batch:>5} {cell(theirs)} {cell(ours)} "
               f"{theirs[0] / ours[0]:>7.2f}x {ours[0] / ort_fwd[0]:>11.2f} {theirs[0] / torch_fwd[0]:>8.2f} "
               f"{r:>9.6f} {diff:>9.2e}{flag}", flush=True)
+    return results
 
 
 def use_threads(threads: int) -> None:

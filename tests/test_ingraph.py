@@ -1,0 +1,136 @@
+"""Maps computed inside the rewritten graph (onnxcam/ingraph.py) equal the numpy path's.
+
+The numpy path (``Explainer.in_graph_maps = False``: methods.py's formulas and scale_maps with
+cv2 after the run) is the reference: it is what the pytorch-grad-cam and torch fixtures check.
+Both compute in float32 from the same A and G; the order of the sums and cv2's vs
+onnxruntime's resize coordinates differ, measured <= 1.7e-6 on maps in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcam import Explainer
+from onnxcam.ingraph import in_graph
+from onnxcam.methods import METHODS
+from tests.conftest import shared_file
+from tests.tiny_models import conv_classifier, nhwc_classifier
+
+TOLERANCE = 1e-5
+IN_GRAPH = [name for name, spec in METHODS.items() if in_graph(spec)]
+
+
+def _pair(model, **kwargs) -> tuple[Explainer, Explainer]:
+    fast, reference = Explainer(model, **kwargs), Explainer(model, **kwargs)
+    reference.in_graph_maps = False
+    return fast, reference
+
+
+def _inputs(explainer: Explainer, batch: int, seed: int = 0, scale: float = 1.5) -> np.ndarray:
+    h, w = explainer.input_size
+    shape = (batch, 3, h, w) if explainer.input_layout == "NCHW" else (batch, h, w, 3)
+    return np.random.default_rng(seed).uniform(-scale, scale, shape).astype(np.float32)
+
+
+def _maps_session_used(explainer: Explainer) -> bool:
+    return any(request.maps is not None for request in explainer._sessions)
+
+
+def _same(fast, reference) -> None:
+    assert fast.heatmaps.shape == reference.heatmaps.shape and fast.heatmaps.dtype == np.float32
+    assert np.abs(fast.heatmaps - reference.heatmaps).max() <= TOLERANCE
+    np.testing.assert_array_equal(fast.targets, reference.targets)
+    np.testing.assert_array_equal(fast.logits, reference.logits)
+    assert fast.weights.keys() == reference.weights.keys()
+    for name in reference.weights:
+        assert fast.weights[name].shape == reference.weights[name].shape
+        np.testing.assert_allclose(fast.weights[name], reference.weights[name], rtol=1e-5, atol=1e-7)
+    for name in reference.gradients:
+        np.testing.assert_array_equal(fast.gradients[name], reference.gradients[name])
+        np.testing.assert_array_equal(fast.activations[name], reference.activations[name])
+
+
+@pytest.mark.parametrize("method", IN_GRAPH)
+@pytest.mark.parametrize("factory,layer", [(conv_classifier, None), (nhwc_classifier, None),
+                                           (nhwc_classifier, "act_nhwc"),
+                                           (conv_classifier, ["r1", "features"])])
+def test_in_graph_maps_equal_the_numpy_path(factory, layer, method):
+    fast, reference = _pair(factory(), layer=layer)
+    x = _inputs(fast, 3)
+    peaks = []
+    for targets in (None, [1, 0, 2]):
+        result = fast.explain(x, method, targets)
+        _same(result, reference.explain(x, method, targets))
+        peaks.append(result.heatmaps.max())
+    assert _maps_session_used(fast) and not _maps_session_used(reference)
+    assert max(peaks) > 0.5, "a trivial map proves nothing"
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
+@pytest.mark.parametrize("factory,layer", [(conv_classifier, None), (nhwc_classifier, None),
+                                           (nhwc_classifier, "act_nhwc")])
+def test_several_targets_through_the_head_with_in_graph_maps(factory, layer, method):
+    fast, reference = _pair(factory(), layer=layer)
+    x = _inputs(fast, 3)
+    for options in ({"topk": 3}, {"targets": [[0, 1], [2, 0], [1, 2]]}):
+        ours, theirs = fast.explain(x, method, **options), reference.explain(x, method, **options)
+        _same(ours, theirs)
+        assert ours.heatmaps.ndim == 4
+    assert any(request.head and request.maps for request in fast._sessions)
+
+
+def test_in_graph_maps_on_a_mobilenet_batch_and_a_dynamic_size():
+    path = shared_file("models/mobilenet/mobilenet_v1_0.25_128.onnx")
+    fast, reference = _pair(path)
+    x = _inputs(fast, 4, scale=1.0)
+    for method in ("gradcam", "gradcam++", "layercam"):
+        _same(fast.explain(x, method), reference.explain(x, method))
+    dynamic = conv_classifier(batch="N")
+    dynamic.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    dynamic.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    fast, reference = _pair(dynamic, input_size=(20, 24))
+    x = _inputs(fast, 2)
+    _same(fast.explain(x), reference.explain(x))
+    assert fast.explain(x).heatmaps.shape == (2, 20, 24)
+
+
+def test_what_the_graph_does_not_compute_takes_the_numpy_path():
+    fast, reference = _pair(conv_classifier())
+    x = _inputs(fast, 2)
+    _same(fast.explain(x, "gradcam", eigen_smooth=True), reference.explain(x, "gradcam", eigen_smooth=True))
+    _same(fast.explain(x, "eigengradcam"), reference.explain(x, "eigengradcam"))
+    assert not _maps_session_used(fast)
+    top = fast.explain(x, "gradcam", topk=2)
+    assert top.heatmaps.shape == (2, 2, 16, 16)
+    np.testing.assert_allclose(top.heatmaps[:, 0], fast.explain(x, "gradcam").heatmaps, atol=TOLERANCE)
+
+
+# -- Score-CAM: masked images built in the graph ---------------------------------------------------
+
+def _masks_session_used(explainer: Explainer) -> bool:
+    return any(request.masks is not None for request in explainer._sessions)
+
+
+@pytest.mark.parametrize("factory,layer", [(conv_classifier, None), (nhwc_classifier, None),
+                                           (nhwc_classifier, "act_nhwc"), (conv_classifier, ["r1", "features"])])
+def test_scorecam_masks_in_the_graph_give_the_numpy_weights_and_maps(factory, layer):
+    fast, reference = _pair(factory(), layer=layer)
+    x = _inputs(fast, 2)
+    for options in ({}, {"max_channels": 5, "batch_size": 3}, {"targets": [[0, 1], [2, 0]]}):
+        ours, theirs = fast.explain(x, "scorecam", **options), reference.explain(x, "scorecam", **options)
+        np.testing.assert_array_equal(ours.targets, theirs.targets)
+        for name in theirs.weights:
+            np.testing.assert_allclose(ours.weights[name], theirs.weights[name], rtol=1e-4, atol=1e-6)
+        assert np.abs(ours.heatmaps - theirs.heatmaps).max() <= 1e-4
+    assert _masks_session_used(fast) and not _masks_session_used(reference)
+
+
+def test_scorecam_masks_in_the_graph_on_a_mobilenet():
+    fast, reference = _pair(shared_file("models/mobilenet/mobilenet_v1_0.25_128.onnx"))
+    x = _inputs(fast, 1, scale=1.0)
+    ours, theirs = fast.explain(x, "scorecam", batch_size=64), reference.explain(x, "scorecam", batch_size=64)
+    name = ours.layers[0]
+    np.testing.assert_allclose(ours.weights[name], theirs.weights[name], rtol=1e-4, atol=1e-6)
+    assert np.abs(ours.heatmaps - theirs.heatmaps).max() <= 1e-4
+    assert ours.heatmaps.max() > 0.5 and _masks_session_used(fast)
