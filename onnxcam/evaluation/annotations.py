@@ -19,7 +19,8 @@ Three formats are read, chosen by the file:
   neither, any other named value is object (``"0=pet,1=background,2=border"`` -> object 0);
   with no such pairs, 0 is background, 255 is void and every other value is object (VOC).
   Entries whose objects have no box use the mask's bounding box per connected region for
-  box metrics.
+  box metrics. Colour masks (OpenCV decodes VOC's palette PNGs to colours) are mapped back
+  to class indices through the VOC palette.
 * **PASCAL VOC XML** (also ImageNet's localization XML, the same schema): one
   ``<annotation>`` file per image, or a folder of them; ``<filename>``, ``<object><name>``,
   ``<bndbox>`` with 1-based inclusive ``xmin..xmax`` (box ``(xmin - 1, ymin - 1, xmax, ymax)``).
@@ -83,11 +84,36 @@ class Annotation:
         if raw is None:
             raise OnnxcamError(f"{self.mask}: mask cannot be read (for image {self.image.name}); "
                                "give a PNG/BMP of class values")
-        if raw.ndim == 3:  # a colour mask: anything not black is object
-            return np.any(raw[..., :3] > 0, axis=-1)
+        if raw.ndim == 3:  # OpenCV expands palette PNGs (VOC) to colours: back to class indices
+            raw = voc_indices(raw)
         if self.mask_object is not None:
             return np.isin(raw, self.mask_object)
         return ~np.isin(raw, self.mask_background + self.mask_ignore)
+
+
+def voc_palette() -> np.ndarray:
+    """(256, 3) RGB colours of PASCAL VOC's class-index palette (the devkit's ``labelcolormap``)."""
+    colours = np.zeros((256, 3), np.int64)
+    for index in range(256):
+        value, red, green, blue = index, 0, 0, 0
+        for bit in range(8):
+            red |= ((value >> 0) & 1) << (7 - bit)
+            green |= ((value >> 1) & 1) << (7 - bit)
+            blue |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        colours[index] = (red, green, blue)
+    return colours
+
+
+def voc_indices(bgr: np.ndarray) -> np.ndarray:
+    """Class indices of a colour mask drawn with the VOC palette (BGR as OpenCV reads it);
+    colours outside the palette become 1 (object)."""
+    rgb = bgr[..., 2::-1].astype(np.int64)
+    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    palette = voc_palette()
+    lookup = dict(zip(((palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]).tolist(), range(256)))
+    unique, inverse = np.unique(codes, return_inverse=True)
+    return np.array([lookup.get(int(c), 1) for c in unique], np.uint8)[inverse].reshape(codes.shape)
 
 
 def mask_boxes(mask: np.ndarray) -> list[Box]:
