@@ -33,6 +33,9 @@ def test_shared_annotations_boxes_and_mask_conventions():
     dog = found["dog_segmentation.bmp"]
     raw = cv2.imread(str(dog.mask), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(dog.object_mask(), raw == 0)
+    small = found["dog_segmentation_256.bmp"]  # "same, 256x256": the previous entry's convention
+    raw = cv2.imread(str(small.mask), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(small.object_mask(), raw == 0)
     assert dog.boxes() == [] and len(mask_boxes(dog.object_mask())) >= 1
     bird = found["bird_segmentation.bmp"]  # "0=background, >0 bird"
     raw = cv2.imread(str(bird.mask), cv2.IMREAD_UNCHANGED)

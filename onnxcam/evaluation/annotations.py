@@ -17,7 +17,8 @@ Three formats are read, chosen by the file:
   ``mask_object`` when given; otherwise ``value=meaning`` pairs in ``mask_note`` (else in
   ``source``): values meaning background are background, values meaning void/border/ignore are
   neither, any other named value is object (``"0=pet,1=background,2=border"`` -> object 0);
-  with no such pairs, 0 is background, 255 is void and every other value is object (VOC).
+  with no such pairs, 0 is background, 255 is void and every other value is object (VOC); a
+  note that starts with "same" takes the previous entry's values.
   Entries whose objects have no box use the mask's bounding box per connected region for
   box metrics. Colour masks (OpenCV decodes VOC's palette PNGs to colours) are mapped back
   to class indices through the VOC palette.
@@ -163,10 +164,15 @@ def read_onnxcam(entries: list, path: Path) -> list[Annotation]:
         annotation = Annotation(root / entry["image"], objects,
                                 mask=root / entry["mask"] if entry.get("mask") else None,
                                 extra={k: v for k, v in entry.items() if k not in ("image", "objects", "mask")})
+        note = entry.get("mask_note") or entry.get("source") or ""
         if "mask_object" in entry:
             annotation.mask_object = tuple(int(v) for v in entry["mask_object"])
+        elif note.lower().startswith("same") and found:  # "same, 256x256": the previous entry's values
+            previous = found[-1]
+            annotation.mask_object, annotation.mask_ignore, annotation.mask_background = (
+                previous.mask_object, previous.mask_ignore, previous.mask_background)
         else:
-            _apply_note(annotation, entry.get("mask_note") or entry.get("source") or "")
+            _apply_note(annotation, note)
         found.append(annotation)
     return found
 
