@@ -147,7 +147,7 @@ def _curves_svg(results: dict) -> str:
                       f'text-anchor="middle">{t:g}</text>' for t in (0, 0.25, 0.5, 0.75, 1))
             + "".join(f'<text x="{pad - 4}" y="{height - pad - t * (height - 2 * pad) + 3}" font-size="10" '
                       f'text-anchor="end">{t:g}</text>' for t in (0, 0.5, 1)))
-    return (f'<svg id="curves" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+    return (f'<svg id="curves" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}">{axes}{"".join(lines)}{"".join(legend)}</svg>')
 
 
