@@ -16,8 +16,9 @@ and ``ROADCombined = (LeRF - MoRF) / 2``: higher is better.
 pytorch-grad-cam solves the sparse system with scipy's LU; here it is solved with
 Jacobi-preconditioned conjugate gradients on the same symmetric positive (semi-)definite
 system, in numpy, all channels at once, started from the same problem solved on a grid half
-as fine, to a relative residual of 1e-4 (the imputed values then differ from an exact solve
-by under 1e-3, a tenth of the imputer's own noise; ``tools/check_evaluation.py``). A removed
+as fine, to a relative residual of 1e-4 (the imputed values then differ from scipy's exact
+solve by at most about 1e-3, a tenth of the imputer's own noise; ``tools/check_evaluation.py``
+measures it). A removed
 region that touches no kept pixel has no data to interpolate: it stays 0 (the minimum-norm
 solution), where a direct solver reports a singular matrix.
 """
