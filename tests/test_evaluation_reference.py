@@ -38,10 +38,10 @@ def test_road_equals_pytorch_grad_cam(fixture, model):
     reference, inputs = fixture
     for n, (image, heatmap, target) in enumerate(zip(inputs["x"], inputs["maps"], inputs["classes"])):
         ours = road(model, image, heatmap, int(target), percentiles=reference["road_percentiles"], noise=0.0)
-        # the imputations agree to ~1e-3 (iterative vs exact solve): logits to ~1e-3 here
-        assert ours["morf"] == pytest.approx(reference["road_morf"][n], abs=2e-3)
-        assert ours["lerf"] == pytest.approx(reference["road_lerf"][n], abs=2e-3)
-        assert ours["combined"] == pytest.approx(reference["road_combined"][n], abs=2e-3)
+        # iterative vs exact solve: measured differences 3e-5 here
+        assert ours["morf"] == pytest.approx(reference["road_morf"][n], abs=2e-4)
+        assert ours["lerf"] == pytest.approx(reference["road_lerf"][n], abs=2e-4)
+        assert ours["combined"] == pytest.approx(reference["road_combined"][n], abs=2e-4)
     assert np.ptp(reference["road_combined"]) > 0.1  # the values differ enough for this to mean something
 
 
