@@ -1,5 +1,5 @@
-"""onnxcam.evaluation metrics on cases whose answer is known in closed form (and, where
-installed, against scipy / scikit-image / pytorch-grad-cam on the same inputs)."""
+"""onnxcam.evaluation metrics on cases whose answer is known in closed form (the comparisons
+with other tools are in test_evaluation_reference.py)."""
 
 from __future__ import annotations
 
@@ -98,21 +98,12 @@ def test_spearman_and_ranks():
     assert spearman(a, -a ** 3) == pytest.approx(-1.0)
     assert list(rankdata([10, 20, 20, 5])) == [2.0, 3.5, 3.5, 1.0]
     assert np.isnan(spearman(a, np.ones(200)))
-    stats = pytest.importorskip("scipy.stats")
-    b = np.round(a + rng.normal(size=200), 1)  # ties
-    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).correlation, abs=1e-12)
 
 
-def test_ssim_identity_and_against_scikit_image():
-    rng = np.random.default_rng(1)
-    a = rng.random((40, 50))
+def test_ssim_of_identical_and_inverted_maps():
+    a = np.random.default_rng(1).random((40, 50))
     assert ssim(a, a) == pytest.approx(1.0)
     assert ssim(a, 1 - a) < 0
-    metrics = pytest.importorskip("skimage.metrics")
-    b = np.clip(a + 0.2 * rng.normal(size=a.shape), 0, 1)
-    reference = metrics.structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                              use_sample_covariance=False)
-    assert ssim(a, b) == pytest.approx(reference, abs=2e-3)
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
@@ -230,20 +221,6 @@ def test_linear_imputation_reproduces_a_plane_and_keeps_kept_pixels():
     noisy = linear_impute(plane, keep, noise=0.01, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(noisy[:, keep], plane[:, keep])
     assert 0.005 < np.std(noisy[:, ~keep] - plane[:, ~keep]) < 0.02
-
-
-def test_linear_imputation_matches_pytorch_grad_cam():
-    torch = pytest.importorskip("torch")
-    road_module = pytest.importorskip("pytorch_grad_cam.metrics.road")
-    rng = np.random.default_rng(5)
-    image = rng.normal(size=(3, 24, 24)).astype(np.float32)
-    heatmap = rng.random((24, 24)).astype(np.float32)
-    for percentile, most in ((30, True), (70, False)):
-        keep = road_keep_mask(heatmap, percentile, most)
-        ours = linear_impute(image, keep, noise=0.0, tolerance=1e-9)
-        theirs = road_module.NoisyLinearImputer(noise=0.0)(torch.from_numpy(image),
-                                                           torch.from_numpy(keep.astype(np.float32)))
-        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)
 
 
 def test_road_on_the_linear_model(whole_image_model):

@@ -1,7 +1,7 @@
 """onnxcam.evaluation against the numbers other tools compute on the same maps, images and
 masks (tests/fixtures/evaluation, written by tools/check_evaluation.py): pytorch-grad-cam's
-ROAD and confidence change, Quantus' PointingGame and RelevanceMassAccuracy, and MaxBoxAcc as
-Choe et al.'s wsolevaluation computes it."""
+ROAD and confidence change, Quantus' PointingGame and RelevanceMassAccuracy, MaxBoxAcc as
+Choe et al.'s wsolevaluation computes it, scipy's Spearman and scikit-image's SSIM."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from onnxcam.evaluation import localization as loc
 from onnxcam.evaluation.pointing import energy_pointing, pointing_game
 from onnxcam.evaluation.road import road
 from onnxcam.evaluation.scoring import ScoreModel
+from onnxcam.evaluation.stats import spearman, ssim
 from onnxcam.explainer import Explainer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "evaluation"
@@ -69,3 +70,13 @@ def test_max_box_acc_equals_the_contour_based_reference(fixture):
     every = np.stack([loc.iou_curve(m, [t], largest_only=False) for m, t in zip(inputs["blobs"], truth)])
     assert loc.max_box_acc(largest) == pytest.approx(reference["maxboxacc_choe"])
     assert loc.max_box_acc(every, (0.3, 0.5, 0.7)) == pytest.approx(reference["maxboxacc_v2_choe"])
+
+
+def test_spearman_and_ssim_equal_scipy_and_scikit_image(fixture):
+    reference, inputs = fixture
+    maps = inputs["maps"]
+    tied = np.roll(np.round(maps * 8) / 8, 1, axis=0)
+    np.testing.assert_allclose([spearman(a, b) for a, b in zip(maps, tied)], reference["scipy_spearman"], atol=1e-9)
+    blobs = inputs["blobs"]
+    np.testing.assert_allclose([ssim(a, b) for a, b in zip(blobs, np.roll(blobs, 1, axis=0))],
+                               reference["skimage_ssim"], atol=2e-3)

@@ -11,6 +11,8 @@ numbers they return are stored for tests/test_evaluation_reference.py:
 * MaxBoxAcc as Choe et al.'s ``wsolevaluation`` computes it (``cv2.findContours``, largest
   contour by ``cv2.contourArea``, inclusive-pixel IoU), reimplemented here from their paper
   and code description, against onnxcam's connected-component version;
+* scipy's ``spearmanr`` (with ties) and scikit-image's ``structural_similarity`` (Gaussian
+  window, sigma 1.5, population covariance) on pairs of maps;
 * the ROAD imputer's accuracy: onnxcam's conjugate-gradient solve against pytorch-grad-cam's
   scipy LU solve on 224x224 images at 10/50/90 % removal (printed).
 
@@ -164,6 +166,16 @@ def main() -> None:
     reference["maxboxacc_choe"] = choe_max_box_acc(blobs, truth, (0.5,), multi_contour=False)
     reference["maxboxacc_v2_choe"] = choe_max_box_acc(blobs, truth, (0.3, 0.5, 0.7), multi_contour=True)
     reference["box_truth"] = truth
+
+    # scipy's Spearman (with ties) and scikit-image's SSIM on pairs of maps
+    from scipy.stats import spearmanr
+    from skimage.metrics import structural_similarity
+    tied = np.round(maps * 8) / 8
+    reference["scipy_spearman"] = [float(spearmanr(a.ravel(), b.ravel()).correlation)
+                                   for a, b in zip(maps, np.roll(tied, 1, axis=0))]
+    reference["skimage_ssim"] = [float(structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                                             use_sample_covariance=False))
+                                 for a, b in zip(blobs, np.roll(blobs, 1, axis=0))]
 
     np.savez_compressed(args.out / "inputs.npz", x=x, maps=maps.astype(np.float16), classes=classes,
                         masks=masks, blobs=blobs.astype(np.float16))
