@@ -90,8 +90,20 @@ def best_iou(predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[floa
 def iou_curve(heatmap: np.ndarray, truth: Sequence[Sequence[float]], thresholds: np.ndarray = SWEEP,
               largest_only: bool = True) -> np.ndarray:
     """Best IoU with the ground truth at each binarization threshold: one image's row of the
-    MaxBoxAcc sweep."""
-    return np.array([best_iou(boxes_from_map(heatmap, t, largest_only), truth) for t in thresholds])
+    MaxBoxAcc sweep (largest segment only, or every segment for MaxBoxAccV2)."""
+    return iou_curves(heatmap, truth, thresholds)[0 if largest_only else 1]
+
+
+def iou_curves(heatmap: np.ndarray, truth: Sequence[Sequence[float]],
+               thresholds: np.ndarray = SWEEP) -> tuple[np.ndarray, np.ndarray]:
+    """Both sweeps of :func:`iou_curve` (largest segment, every segment) from one labelling
+    per threshold."""
+    largest, every = [], []
+    for threshold in thresholds:
+        boxes = boxes_from_map(heatmap, threshold)  # largest first
+        largest.append(best_iou(boxes[:1], truth))
+        every.append(best_iou(boxes, truth))
+    return np.array(largest), np.array(every)
 
 
 def max_box_acc(curves: np.ndarray, deltas: Sequence[float] = (0.5,)) -> float:

@@ -190,7 +190,7 @@ def evaluate(explainer: Explainer, annotations: Sequence[Annotation], methods: S
                 def localize():
                     box = loc.box_from_map(full, config.threshold)
                     overlap = loc.best_iou([box], boxes) if box and boxes else (0.0 if boxes else None)
-                    rows = (loc.iou_curve(full, boxes, largest_only=True), loc.iou_curve(full, boxes, largest_only=False))
+                    rows = loc.iou_curves(full, boxes)
                     return box, overlap, rows
                 box, overlap, rows = timed("localization", localize)
                 entry["box"] = list(box) if box else None
