@@ -138,3 +138,28 @@ def test_evaluate_errors_are_one_line_and_write_nothing(tmp_path, problem, messa
                        "-o", tmp_path / "out", *extra)
     assert code == 2 and output.startswith("error:") and message in output, output
     assert len(output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_python_api_on_an_nhwc_model(tmp_path):
+    """The perturbation metrics work in NCHW and feed the model its own layout: on an NHWC
+    export each deletion curve starts at the explained class's probability."""
+    from onnxcam.evaluation import EvaluationConfig, evaluate, load_annotations
+    from onnxcam.explainer import Explainer
+    from tests.tiny_models import nhwc_classifier
+
+    rng = np.random.default_rng(1)
+    entries = []
+    for n in range(3):
+        cv2.imwrite(str(tmp_path / f"im{n}.png"), rng.integers(0, 255, (24, 30, 3), dtype=np.uint8))
+        entries.append({"image": f"im{n}.png", "objects": [{"label": "thing", "box_xyxy": [2, 3, 20, 18]}]})
+    (tmp_path / "ann.json").write_text(json.dumps(entries))
+    explainer = Explainer(nhwc_classifier(), provider="cpu", cache=False)
+    config = EvaluationConfig(families=("localization", "pointing", "confidence", "deletion", "road", "faithfulness"),
+                              steps=8, road_percentiles=(50,), occlusion_patch=4, occlusion_stride=4, resamples=100)
+    result = evaluate(explainer, load_annotations(tmp_path / "ann.json"), ["gradcam"],
+                      explainer.preprocess("raw"), config).results
+    for record in result["images"]:
+        curves = record["methods"]["gradcam"]["curves"]
+        assert curves["deletion"][0] == pytest.approx(record["probability"], rel=1e-5)
+        assert record["methods"]["gradcam"]["metrics"]["road_combined"] is not None
+    assert result["cost_per_image_and_method"]["faithfulness"]["passes"] == 9  # 3x3 windows on 12x12
