@@ -44,7 +44,7 @@ def evaluated(tmp_path_factory):
 
 
 def test_results_hold_every_metric_per_image_and_method(evaluated):
-    _, results = evaluated
+    report, results = evaluated
     assert results["methods"] == ["gradcam", "saliency"]
     assert len(results["images"]) == 8
     for record in results["images"]:
@@ -61,6 +61,8 @@ def test_results_hold_every_metric_per_image_and_method(evaluated):
     assert summary["pointing"]["mean"] == 1.0
     assert summary["insertion_auc"]["mean"] > summary["deletion_auc"]["mean"]
     assert results["sanity"]["gradcam"]["changed_at"] is not None
+    table = (report / "summary.md").read_text().splitlines()  # header, rule, one row per method
+    assert len(table) == 4 and table[2].startswith("| gradcam | ") and table[3].startswith("| saliency | ")
     cost = results["cost_per_image_and_method"]
     assert cost["deletion"]["passes"] == 2 * 17 and cost["road"]["passes"] == 4
     assert cost["faithfulness"]["passes"] == 49 / 2  # 7x7 windows per image, shared by both methods

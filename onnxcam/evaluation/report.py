@@ -1,4 +1,5 @@
-"""The evaluation report: ``results.json`` and ``index.html``, a page that needs no network.
+"""The evaluation report: ``results.json``, ``index.html`` (a page that needs no network) and
+``summary.md`` (the summary table in Markdown).
 
 Pictures are PNG files next to the page (relative links): per image the photo with its
 ground-truth boxes (green) and one overlay per method with the ground truth and the method's
@@ -66,7 +67,28 @@ def render_files(evaluation: Evaluation) -> dict[str, bytes]:
             files[entry["overlay"]] = encode_png(blended)
     files["results.json"] = json.dumps(_clean(results), indent=1).encode()
     files["index.html"] = render_html(results).encode()
+    files["summary.md"] = summary_markdown(results).encode()
     return files
+
+
+def summary_markdown(results: dict) -> str:
+    """The summary table as Markdown (mean and 95 % interval per method and metric), for READMEs."""
+    summary = results["summary"]
+    names = [k for k in SUMMARY if any(k in summary[m] for m in summary)]
+    sanity = any("sanity_changed_at" in summary[m] for m in summary)
+    head = ["method"] + [SUMMARY[k][1] + (" %" if SUMMARY[k][3] else "") + (" ↑" if SUMMARY[k][2] == "higher" else " ↓")
+                         for k in names] + (["sanity: changed at / stops changing at"] if sanity else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for method, metrics in summary.items():
+        cells = [method]
+        for k in names:
+            item, percent = metrics.get(k), SUMMARY[k][3]
+            cells.append(f"{_number(item['mean'], percent)} [{_number(item['low'], percent)}, "
+                         f"{_number(item['high'], percent)}]" if item else "–")
+        if sanity:
+            cells.append(f"{metrics.get('sanity_changed_at') or 'never'} / {metrics.get('sanity_stops_changing_at') or '–'}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _clean(value):
