@@ -19,6 +19,7 @@ import typer
 
 from .errors import OnnxcamError, OnnxcamWarning
 from .explainer import Explainer
+from .files import atomic_write_bytes
 from .deploy import CHECK_TOLERANCE, DEFAULT_ORT_WEB, check_export, write_triton, write_web
 from .export import export_explained, exportable_methods, save_explained
 from .images import make_preprocess
@@ -204,6 +205,8 @@ def explain(
     ray_gpus: Annotated[float, typer.Option("--ray-gpus", min=0.0, help="Ray: GPUs per actor (use with --provider cuda)")] = 0.0,
     grid: GridOption = None,
     prefix: PrefixOption = None,
+    boxes: Annotated[bool, typer.Option("--boxes", help="also each map's weakly supervised box (results.json) and a binary pseudo-mask PNG")] = False,
+    threshold: Annotated[float, typer.Option("--threshold", help="--boxes: binarize at this fraction of the map's max")] = 0.15,
 ) -> None:
     """Explain IMAGES (files, folders walked recursively, glob patterns) with MODEL; writes
     overlays, optional .npy maps, results.jsonl (resumable) and results.json. Exit status:
@@ -225,7 +228,8 @@ def explain(
         preprocess = explainer.preprocess(preset, size, mean=_floats(mean, "--mean"),
                                           std=_floats(std, "--std"), scale=scale)
         settings = Settings(method, targets, options, tuple(labels) if labels else None, npy, channels, overlay_size,
-                            region=region, anchor=anchor, box_values=box_values)
+                            region=region, anchor=anchor, box_values=box_values,
+                            box_threshold=_box_threshold(boxes, threshold))
         summary = explain_folder(Worker(explainer, preprocess, settings, outdir), images, outdir,
                                  pattern=glob, batch_size=batch_size, overwrite=overwrite, progress=not quiet,
                                  on_record=None if quiet else _echo_record, ray=ray,
@@ -244,6 +248,13 @@ def _echo_record(record: dict) -> None:
         return
     shown = ", ".join(_describe_target(t) for t in record["targets"])
     typer.echo(f"{record['file']}: {shown} [{record['provider']}, {record['seconds'] * 1000:.0f} ms]")
+
+
+def _box_threshold(boxes: bool, threshold: float) -> Optional[float]:
+    """--boxes/--threshold -> the threshold to box at, or None without --boxes."""
+    if boxes and not 0.0 <= threshold < 1.0:
+        raise OnnxcamError(f"--threshold must be in [0, 1), got {threshold}")
+    return threshold if boxes else None
 
 
 def _describe_target(target: dict) -> str:
@@ -394,6 +405,72 @@ def _size(count: int) -> str:
             return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GiB"
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="ONNX classifier")],
+    images: Annotated[list[Path], typer.Argument(help="image files, or one folder")],
+    annotations: Annotated[Path, typer.Option("--annotations", help="onnxcam JSON, COCO JSON, VOC/ImageNet XML (file or folder)")],
+    method: Annotated[Optional[list[str]], typer.Option("-m", "--method", help="repeat for several (default gradcam)")] = None,
+    outdir: Annotated[Path, typer.Option("-o", "--outdir", help="output folder")] = Path("onnxcam-eval"),
+    label_map: Annotated[Optional[Path], typer.Option("--label-map", help="JSON {dataset label: model class}; default: explain the top-1")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="families, comma-separated (default all): localization, pointing, confidence, deletion, road, faithfulness, sanity")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="box binarization, fraction of the max")] = 0.15,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="pointing game tolerance (pixels)")] = 15.0,
+    score: Annotated[str, typer.Option("--score", help="probability or logit")] = "probability",
+    steps: Annotated[int, typer.Option("--steps", help="deletion/insertion points per curve")] = 50,
+    deletion_baseline: Annotated[str, typer.Option("--deletion-baseline", help="zeros, blur or mean")] = "zeros",
+    insertion_baseline: Annotated[str, typer.Option("--insertion-baseline", help="zeros, blur or mean")] = "blur",
+    occlusion: Annotated[tuple[int, int], typer.Option("--occlusion", help="occlusion window and stride (input pixels)")] = (32, 16),
+    road_percentiles: Annotated[Optional[str], typer.Option("--road-percentiles", help="default 10,20,...,90")] = None,
+    sanity_steps: Annotated[int, typer.Option("--sanity-steps", help="cascading randomization steps")] = 8,
+    resamples: Annotated[int, typer.Option("--resamples", help="bootstrap resamples")] = 2000,
+    layer: Annotated[Optional[list[str]], typer.Option("-l", "--layer", help="tensor to explain (repeat for several)")] = None,
+    labels_file: Annotated[Optional[Path], typer.Option("--labels", help="labels file, one per line")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="inputs per onnxruntime run")] = 16,
+    provider: Annotated[str, typer.Option("--provider", help="auto, cpu or cuda")] = "auto",
+    preset: Annotated[Optional[str], typer.Option("--preset", help="imagenet, inception, caffe or raw")] = None,
+    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="input H W for dynamic-size models")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="per-channel mean, e.g. 0.485,0.456,0.406")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="per-channel std")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", help="divide pixels by this first (default 255)")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="which model output to explain")] = None,
+) -> None:
+    """Evaluate methods on annotated images: localization, pointing, confidence, deletion/insertion,
+    ROAD, occlusion faithfulness, sanity; writes results.json and index.html."""
+    from .evaluation import EvaluationConfig, evaluate as run_evaluation, load_annotations, load_label_map, match_images
+    from .evaluation.report import render_files
+    try:
+        methods = list(dict.fromkeys(method or ["gradcam"]))
+        config = EvaluationConfig(
+            threshold=threshold, tolerance=tolerance, score=score, steps=steps,
+            deletion_baseline=deletion_baseline, insertion_baseline=insertion_baseline,
+            occlusion_patch=occlusion[0], occlusion_stride=occlusion[1], sanity_steps=sanity_steps,
+            resamples=resamples)
+        if metrics:
+            config.families = tuple(m.strip() for m in metrics.split(",") if m.strip())
+        if road_percentiles:
+            config.road_percentiles = tuple(int(v) for v in (_floats(road_percentiles, "--road-percentiles") or []))
+        config.check()
+        chosen = match_images(load_annotations(annotations), images)
+        explainer = Explainer(model, layer=layer, provider=provider, output=output,
+                              batch_size=batch_size, input_size=size)
+        labels = load_labels(labels_file) if labels_file else explainer.labels()
+        mapping = load_label_map(label_map, labels) if label_map else None
+        preprocess = explainer.preprocess(preset, size, mean=_floats(mean, "--mean"),
+                                          std=_floats(std, "--std"), scale=scale)
+        result = run_evaluation(explainer, chosen, methods, preprocess, config, label_map=mapping,
+                                labels=labels, progress=lambda text: typer.echo(text, err=True))
+        files = render_files(result)
+    except OnnxcamError as exc:
+        fail(str(exc))
+        return
+    outdir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        atomic_write_bytes(outdir / name, data)
+    for name, rows in result.results["summary"].items():
+        shown = ", ".join(f"{k}={v['mean']:.3f}" for k, v in rows.items() if isinstance(v, dict))
+        typer.echo(f"{name}: {shown}")
+    typer.echo(f"wrote {len(files)} files to {outdir} (open {outdir / 'index.html'})")
 
 
 def main() -> None:

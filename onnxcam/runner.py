@@ -181,6 +181,9 @@ class Settings:
     region: str | None = None
     anchor: int | None = None
     box_values: int = 4
+    #: ``--boxes``: each map's weakly supervised box and pseudo-mask, binarized at this
+    #: fraction of its max (onnxcam.evaluation.localization); None: none
+    box_threshold: float | None = None
 
 
 @dataclass
@@ -299,10 +302,13 @@ class Worker:
             name = (f"{item.name}.{s.method}" if len(classes) == 1
                     else f"{item.name}.{s.method}.{cls if cls >= 0 else f'seed{slot}'}")
             small = result.per_target[index, slot]
+            full = None
             if error is None:
                 files[f"{name}.png"] = encode_png(overlay(done.decoded.picture, small))
+                if s.npy or s.box_threshold is not None:  # both in the image's own pixels
+                    full = resize_map(small, done.decoded.size)
                 if s.npy:
-                    files[f"{name}.npy"] = _npy_bytes(resize_map(small, done.decoded.size))
+                    files[f"{name}.npy"] = _npy_bytes(full)
             targets.append({
                 "target": cls,
                 "label": s.labels[cls] if s.labels and 0 <= cls < len(s.labels) else None,
@@ -312,6 +318,11 @@ class Worker:
             })
             if dense_output is not None:
                 targets[-1].update(dense.describe(dense_output, result.logits[index], result.seeds[index, slot]))
+            if full is not None and s.box_threshold is not None:  # --boxes: box + pseudo-mask PNG
+                from .evaluation.localization import box_outputs
+                box, mask = box_outputs(full, s.box_threshold, name)
+                targets[-1].update(box)
+                files.update(mask)
         record = {"file": item.path, "input": item.key, "target": targets[0]["target"],
                   "label": targets[0]["label"], "probability": targets[0]["probability"],
                   "targets": targets, "layer": result.layer, "method": s.method,
