@@ -11,6 +11,7 @@ The package follows the data's way:
     perturbation.py  Score-CAM and Ablation-CAM, batched through the same session
     pixel.py       pixel-space maps: saliency, SmoothGrad, guided backprop, integrated gradients
     images.py      images in; labels.py class names; visualize.py maps out; metrics.py how maps agree with boxes
+    evaluation/    how good explanations are: localization, faithfulness, sanity, report
     explainer.py   the Python API; cli.py the command line; demo.py the bundled demo
     runner.py      folders streamed batch by batch, resumable; distributed.py the same on Ray
     export.py      self-explaining models: heatmap computed in the exported ONNX graph
