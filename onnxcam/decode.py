@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,22 +87,38 @@ def _quiet_decode(raw: np.ndarray, flags: int = cv2.IMREAD_COLOR | cv2.IMREAD_AN
         logging.setLogLevel(level)
 
 
+#: Decoding threads (the runner's pool) mute fd 2 at overlapping times: the first one in saves
+#: the real stderr and mutes it, the last one out restores it. Without the count, a thread that
+#: saved the already-muted fd would restore /dev/null for good, and every later error line and
+#: warning of the process would be lost.
+_MUTE_LOCK = threading.Lock()
+_mute_state: dict[str, int | None] = {"depth": 0, "saved": None}
+
+
 @contextmanager
 def _muted_stderr() -> Iterator[None]:
     """File descriptor 2 pointed at /dev/null within the block (left alone where it cannot be)."""
-    try:
-        saved = os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        os.close(null)
-    except OSError:
-        saved = None
+    with _MUTE_LOCK:
+        if _mute_state["depth"] == 0:
+            try:
+                saved = os.dup(2)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+                _mute_state["saved"] = saved
+            except OSError:
+                _mute_state["saved"] = None
+        _mute_state["depth"] += 1
     try:
         yield
     finally:
-        if saved is not None:
-            os.dup2(saved, 2)
-            os.close(saved)
+        with _MUTE_LOCK:
+            _mute_state["depth"] -= 1
+            saved = _mute_state["saved"]
+            if _mute_state["depth"] == 0 and saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+                _mute_state["saved"] = None
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:

@@ -226,3 +226,25 @@ def test_huge_headers_cost_no_memory(tmp_path):
     # MiB over the interpreter's own: the 1/4 decode is 286 MiB as float32 (~440 in all, measured);
     # a full decode would be 1.1 GiB as uint8 before any float copy
     assert int(lines[-1]) < 600, lines
+
+
+def test_decoding_in_threads_leaves_stderr_working(tmp_path, capfd):
+    """The runner decodes in a thread pool: overlapping fd-2 mutes must restore the real stderr
+    (a thread that saved the already-muted fd used to leave /dev/null there for good)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cv2
+    import numpy as np
+
+    from onnxcam.decode import load_image
+    paths = []
+    for i in range(16):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), np.full((300, 400, 3), i, np.uint8))
+        paths.append(path)
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            list(pool.map(load_image, paths))
+    os.write(2, b"still-here\n")
+    assert "still-here" in capfd.readouterr().err
