@@ -189,7 +189,7 @@ class Explainer:
             self.source, proto = str(model), load_model(model)
         proto = pin_input_size(proto, input_size, self.source)
         self.graph = ModelGraph(proto, self.source, tokens.parse_grid(grid, prefix))
-        self._proto = proto
+        self._proto = self.graph.model  # the annotated copy: the model's weights held once
         self.output = output
         self.logits_name = self.graph.logits(output)
         #: a segmentation or detection output (onnxcam.dense), None for class scores [N, C]
