@@ -50,10 +50,10 @@ import onnx
 from . import large_models
 from .errors import OnnxcamWarning
 from .files import STALE_SECONDS, atomic_write_bytes, sweep_stale_temporaries
-from .surgery import RewriteRequest, Rewritten, rewrite
+from .surgery import METADATA_KEY, RewriteRequest, Rewritten, rewrite
 
 #: Manifest format; a change makes old entries misses.
-FORMAT = 1
+FORMAT = 2  # 2: the manifest also holds the rewrite's metadata (sessions from the verified path)
 DEFAULT_MAX_BYTES = 2 * 1024**3
 #: A manifest is a few hundred bytes; a bigger one is not ours.
 _MANIFEST_LIMIT = 1 << 20
@@ -185,9 +185,12 @@ def refusal(directory: Path) -> str | None:
 
 
 def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<model>",
-                   directory: Path | None = None, threads: int = 0) -> tuple[Rewritten, bool]:
+                   directory: Path | None = None, threads: int = 0,
+                   parse: bool = True) -> tuple[Rewritten, bool]:
     """The rewrite from the cache when a verified entry exists (returns ``(rewritten, hit)``),
-    else built by :func:`onnxcam.surgery.rewrite` and stored. See the module docstring."""
+    else built by :func:`onnxcam.surgery.rewrite` and stored. See the module docstring.
+    ``parse=False``: a hit is verified without parsing and comes back as metadata plus
+    ``Rewritten.path`` (the verified file, for an onnxruntime session to read)."""
     directory = Path(directory or cache_dir())
     try:
         if not directory.is_dir():  # mkdir on an existing folder costs ~10 ms on some filesystems
@@ -204,7 +207,7 @@ def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str 
     _prepare(directory)
     with _locked(directory, key) as locked:
         try:
-            found = _load(directory, key, source_hash, request)
+            found = _load(directory, key, source_hash, request, parse)
         except _Invalid as exc:
             warnings.warn(f"rewrite cache entry {exc}; rebuilding it", OnnxcamWarning, stacklevel=2)
             found = None
@@ -242,8 +245,12 @@ def _check_file(path: Path) -> os.stat_result:
     return info
 
 
-def _load(directory: Path, key: str, source_hash: str, request: RewriteRequest) -> Rewritten | None:
-    """The verified entry, None when there is none, :class:`_Invalid` when it is unusable."""
+def _load(directory: Path, key: str, source_hash: str, request: RewriteRequest,
+          parse: bool = True) -> Rewritten | None:
+    """The verified entry, None when there is none, :class:`_Invalid` when it is unusable.
+    ``parse=False``: the files are hashed as streams and not parsed; the result's ``model``
+    holds only the rewrite's metadata (from the manifest) and ``path`` names the verified file,
+    for onnxruntime to read itself (the weights never become a Python object)."""
     manifest_path, entry, data = _paths(directory, key)
     if not os.path.lexists(manifest_path):
         for orphan in (entry, data):
@@ -265,6 +272,8 @@ def _load(directory: Path, key: str, source_hash: str, request: RewriteRequest) 
     if set(recorded) not in ({entry.name}, {entry.name, data.name}):
         raise _Invalid(manifest_path, f"lists unexpected files {sorted(recorded)}")
     _check_file(entry)
+    if not parse and isinstance(manifest.get("rewrite"), str):
+        return _verified_path(manifest_path, entry, data, recorded, manifest["rewrite"])
     raw = entry.read_bytes()
     _verify(entry, raw, *recorded[entry.name])
     try:
@@ -280,6 +289,27 @@ def _load(directory: Path, key: str, source_hash: str, request: RewriteRequest) 
     except Exception as exc:  # noqa: BLE001 - parsing a checked file should not fail; if it does, rebuild
         raise _Invalid(entry, f"cannot be read ({type(exc).__name__})") from None
     rewritten.origin = f"cached rewrite {entry}"
+    with contextlib.suppress(OSError):
+        os.utime(manifest_path)  # last used: eviction removes the least recently used first
+    return rewritten
+
+
+def _verified_path(manifest_path: Path, entry: Path, data: Path, recorded: dict, info: str) -> Rewritten:
+    """An entry checked by streaming its files through sha256 (none of it kept in memory),
+    described by the rewrite metadata its manifest holds."""
+    for path in (entry, data):
+        if path.name in recorded:
+            _check_file(path)
+            with open(path, "rb") as stream:
+                _verify(path, stream, *recorded[path.name])
+    stub = onnx.ModelProto()
+    prop = stub.metadata_props.add()
+    prop.key, prop.value = METADATA_KEY, info
+    try:
+        rewritten = Rewritten.from_model(stub)
+    except Exception as exc:  # noqa: BLE001 - a manifest that verifies but does not describe a rewrite
+        raise _Invalid(manifest_path, f"does not describe a rewrite ({type(exc).__name__})") from None
+    rewritten.origin, rewritten.path = f"cached rewrite {entry}", str(entry)
     with contextlib.suppress(OSError):
         os.utime(manifest_path)  # last used: eviction removes the least recently used first
     return rewritten
@@ -331,9 +361,11 @@ def _store(directory: Path, key: str, source_hash: str, request: RewriteRequest,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(data)
         files = {entry.name: {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}}
+    rewrite_info = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
     manifest = {"format": FORMAT, "key": key, "source_sha256": source_hash,
                 "request": _request_record(request), "code": code_fingerprint(),
-                "versions": versions(), "files": files, "source": source, "created": time.time()}
+                "versions": versions(), "files": files, "source": source, "created": time.time(),
+                "rewrite": rewrite_info}
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode(), mode=0o600)
 
 

@@ -266,10 +266,14 @@ class Explainer:
         """The rewritten model for ``request`` and its session (built once, cached on disk)."""
         if request not in self._sessions:
             if self.cache:
-                rewritten, _ = cached_rewrite(self._proto, request, self.source, threads=self.threads)
+                # a verified hit comes back as its file's path: onnxruntime reads it, so the
+                # rewritten weights never exist as a Python object (resnet50: 528 -> 320 MiB)
+                rewritten, _ = cached_rewrite(self._proto, request, self.source, threads=self.threads,
+                                              parse=False)
             else:
                 rewritten = rewrite(self._proto, request, self.source, threads=self.threads)
-            self._sessions[request] = (rewritten, self._new_session(rewritten.model, request, rewritten.origin))
+            model = rewritten.path or rewritten.model
+            self._sessions[request] = (rewritten, self._new_session(model, request, rewritten.origin))
         return self._sessions[request]
 
     def _new_session(self, model: onnx.ModelProto | str, request: RewriteRequest,

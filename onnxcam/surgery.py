@@ -96,6 +96,9 @@ class Rewritten:
     extra_inputs: tuple[str, ...] = ()
     #: where the model was read from (a cache entry), for error messages; None when built
     origin: str | None = None
+    #: a verified cache entry's file when ``model`` holds only the metadata
+    #: (:func:`onnxcam.cache.cached_rewrite` with ``parse=False``)
+    path: str | None = None
     #: with ``RewriteRequest.maps``: the heatmap output, and each layer's weights output
     heatmap: str | None = None
     weights: dict[str, str] = field(default_factory=dict)

@@ -383,3 +383,21 @@ def test_the_cli_prints_a_warning_as_one_line(tmp_path):
     assert result.stderr.splitlines() == [f"warning: rewrite cache {folder} is writable by other users (mode 777); "
                                           "'chmod go-w' it after checking its contents: not using it "
                                           "(set ONNXCAM_CACHE_DIR to another folder)"]
+
+
+def test_a_verified_hit_gives_the_session_the_entry_path_not_a_parsed_copy(mobilenet_small, folder):
+    """Sessions of cache hits read the verified file themselves (the weights never become a
+    Python object); the results are those of a run without the cache."""
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 3, 128, 128)).astype(np.float32)
+    reference = Explainer(mobilenet_small, provider="cpu", cache=False).explain(x)
+    first = Explainer(mobilenet_small, provider="cpu")
+    first.explain(x)  # a miss: built, stored, session from memory
+    (built, _), = first._sessions.values()
+    assert built.path is None and len(built.model.graph.node) > 0
+    again = Explainer(mobilenet_small, provider="cpu")
+    result = again.explain(x)
+    (hit, _), = again._sessions.values()
+    assert hit.path is not None and Path(hit.path).parent == folder and Path(hit.path).is_file()
+    assert len(hit.model.graph.node) == 0  # metadata only
+    np.testing.assert_array_equal(result.targets, reference.targets)
+    np.testing.assert_allclose(result.heatmaps, reference.heatmaps, atol=1e-6)
