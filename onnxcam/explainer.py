@@ -282,8 +282,9 @@ class Explainer:
         (see :class:`onnxcam.runtime.Session`: each would be packed twice, vgg16 +500 MiB; at
         batch 1 unpacked is as fast); a head does, as its batch is images x targets (vgg16's
         head at batch 5: 418 ms unpacked, 219 packed)."""
+        alone = request.gradient and request.head is None  # the one run of a top-1 explanation
         return Session(model, self.provider_requested, threads=self.threads, source=origin,
-                       prepack=not request.gradient or request.head is not None)
+                       prepack=not request.gradient or request.head is not None, spinning=alone)
 
     def prepared(self, input_gradient: bool = False, relu: str = "plain") -> tuple[Rewritten, Session]:
         """The model with gradients at the layers (and the input) and its session."""
