@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -510,17 +509,3 @@ def _probe_feeds(session, batch: int) -> dict[str, np.ndarray]:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
 
-
-# -- cache (moved to onnxcam.cache; kept here for callers of the old place) -------------------
-
-def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str = "<model>",
-                   directory: Path | None = None, threads: int = 0) -> tuple[Rewritten, bool]:
-    """See :func:`onnxcam.cache.cached_rewrite`."""
-    from .cache import cached_rewrite as cached  # the cache builds on this module
-    return cached(model, request, source, directory, threads)
-
-
-def cache_dir() -> Path:
-    """See :func:`onnxcam.cache.cache_dir`."""
-    from .cache import cache_dir as folder
-    return folder()

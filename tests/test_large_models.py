@@ -19,7 +19,8 @@ from onnxcam.cli import app
 from onnxcam.errors import ModelError, OnnxcamWarning
 from onnxcam.explainer import Explainer
 from onnxcam.model import load_model, with_shapes
-from onnxcam.surgery import RewriteRequest, cached_rewrite
+from onnxcam.cache import cached_rewrite
+from onnxcam.surgery import RewriteRequest
 from tests.tiny_models import conv_classifier
 
 typer_testing = pytest.importorskip("typer.testing")

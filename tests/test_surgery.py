@@ -15,7 +15,8 @@ from onnx.reference import ReferenceEvaluator
 from onnxcam.errors import OnnxcamWarning, UnsupportedOpError
 from onnxcam.explainer import Explainer
 from onnxcam.model import load_model
-from onnxcam.surgery import SEED, RewriteRequest, cache_dir, cached_rewrite, rewrite
+from onnxcam.cache import cache_dir, cached_rewrite
+from onnxcam.surgery import SEED, RewriteRequest, rewrite
 from tests.tiny_models import conv_classifier
 
 
