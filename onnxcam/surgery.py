@@ -37,6 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .autodiff import RULES, Emitter, build_gradients, guided_relu, plan, upgrade
+from .autodiff.classifier import find_classifier
 from .autodiff.engine import describe_missing
 from .autodiff.rules import VJP, Rule
 from . import large_models
@@ -320,8 +321,11 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
     # output's shape, onnxcam.dense) is always given, and used as is
     dense = logits.shape is not None and len(logits.shape) != 2
     seed = seed_in if dense else _default_to_top1(emitter, seed_in, logits)
+    # start after the classifier where its VJP can be a row gather (autodiff.classifier)
+    classifier = None if dense else find_classifier(logits, wrt)
+    start, cotangent = (logits, seed) if classifier is None else (classifier.x, classifier.vjp(emitter, seed))
     try:
-        grads = build_gradients(emitter, logits, seed, wrt, rules)
+        grads = build_gradients(emitter, start, cotangent, wrt, rules)
     except UnsupportedOpError as exc:
         raise UnsupportedOpError(f"{source}: {exc}", exc.nodes) from None
 
