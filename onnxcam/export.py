@@ -143,7 +143,8 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
         else:
             A = _to_nchw(b, tensors[chosen.name], chosen)
             raw = spec.raw_map(Traced(b, A), None, Traced(b, _cam_weights(b, explainer, chosen, target_class)))
-        heatmap = _post_process(b, raw.tensor, hw)
+        sizes = None if found is not None else _sizes(chosen, image, explainer.input_layout)
+        heatmap = _post_process(b, raw.tensor, hw, sizes)
     else:
         target = None
         target_class, heatmap = _topk_maps(b, graph, explainer, spec, chosen, rewritten, int(topk), hw)
@@ -261,6 +262,14 @@ def _attention_map(b: Emitter, found: AttentionLayers, tensors, rewritten, image
     return emit_patch_map(b, relevance.tensor, found)
 
 
+def _sizes(layer: Layer, image: gs.Tensor, input_layout: str):
+    """The layer's map size (its (C, H, W) in any layout) and the image's, where fixed (lets
+    the resize be MatMuls)."""
+    hw = tuple(layer.shape[1:3])
+    fixed = all(isinstance(d, (int, np.integer)) and d > 0 for d in hw)
+    return (tuple(int(d) for d in hw) if fixed else None), tuple(static_hw(image, input_layout))
+
+
 def _to_nchw(b: Emitter, tensor: gs.Tensor, layer: Layer) -> gs.Tensor:
     """The methods' formulas index (N, C, h, w), as the Explainer's ``to_nchw``."""
     if layer.grid is not None:
@@ -296,7 +305,7 @@ def _topk_maps(b: Emitter, graph: gs.Graph, explainer: Explainer, spec: Method, 
     else:
         raw = spec.raw_map(Traced(b, _to_nchw(b, A, layer)), None,
                            Traced(b, _cam_weights(b, explainer, layer, flat)))
-    maps = _post_process(b, raw.tensor, hw)
+    maps = _post_process(b, raw.tensor, hw, _sizes(layer, tensors[forward.input], explainer.input_layout))
     batch = b.shape(logits, end=1)
     heatmap = b.reshape(maps, b.concat([batch, b.ints([k]), hw], axis=0))
     return classes, heatmap

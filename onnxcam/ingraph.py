@@ -90,7 +90,9 @@ def emit_maps(b: Emitter, request: MapRequest, activations: Sequence[gs.Tensor],
         raws.append(spec.raw_map(a, g, w).tensor)
         weights.append(None if w is None else w.tensor)
     hw = b.ints(request.size) if request.size is not None else input_hw(b, image, request.input_layout)
-    return combine(b, raws, hw), weights
+    size = request.size or static_hw(image, request.input_layout)
+    sizes = [(layer_hw(A, layout), tuple(size)) for A, layout in zip(activations, request.layouts)]
+    return combine(b, raws, hw, sizes), weights
 
 
 # -- layouts and sizes ----------------------------------------------------------------------------
@@ -105,6 +107,15 @@ def static_hw(image: gs.Tensor, layout: str) -> list[int | None]:
     start = H_AXIS[layout]
     dims = list(image.shape or [None] * 4)[start:start + 2]
     return [d if isinstance(d, int) and d > 0 else None for d in dims]
+
+
+def layer_hw(tensor: gs.Tensor, layout: str) -> tuple[int, int] | None:
+    """A 4-D layer's (h, w) in its layout (NCHW or NHWC) where fixed, else None."""
+    dims = list(tensor.shape or [])
+    if layout not in H_AXIS or len(dims) != 4:
+        return None
+    hw = dims[H_AXIS[layout]:H_AXIS[layout] + 2]
+    return tuple(int(d) for d in hw) if all(isinstance(d, (int, np.integer)) and d > 0 for d in hw) else None
 
 
 def input_hw(b: Emitter, image: gs.Tensor, layout: str) -> gs.Tensor:
@@ -135,9 +146,22 @@ def clip01(b: Emitter, maps: gs.Tensor) -> gs.Tensor:
     return b.op("Clip", maps, b.const(np.float32(0)), b.const(np.float32(1)))
 
 
-def resize(b: Emitter, maps: gs.Tensor, hw: gs.Tensor) -> gs.Tensor:
+#: A map's fixed (h, w) and the fixed (H, W) it is resized to, where both are known.
+Sizes = tuple[tuple[int, int] | None, tuple[int | None, int | None]]
+
+
+def resize(b: Emitter, maps: gs.Tensor, hw: gs.Tensor, sizes: Sizes | None = None) -> gs.Tensor:
     """(N, h, w) -> (N, H, W) as ``cv2.resize(m, (W, H), INTER_LINEAR)`` per map (see the
-    module docstring); sizes rather than scales, so H, W are exact."""
+    module docstring); sizes rather than scales, so H, W are exact.
+
+    An upsampling between fixed ``sizes`` is two MatMuls with :func:`upsampling_matrix`
+    (:math:`R_H\, m\, R_W^T`): the same weights, and 7x faster than onnxruntime's Resize
+    for 7x7 -> 224x224 (14 vs 96 us on one core), which recomputes its coefficients per run."""
+    (small, large) = sizes if sizes is not None else (None, (None, None))
+    if small is not None and None not in large and all(s <= l for s, l in zip(small, large)):
+        rows = b.const(upsampling_matrix(large[0], small[0]))
+        cols = b.const(upsampling_matrix(large[1], small[1]).T.copy())
+        return b.matmul(b.matmul(rows, maps), cols)
     batched = b.unsqueeze(maps, [1])
     sizes = b.concat([b.shape(batched, end=2), hw], axis=0)
     resized = b.op("Resize", batched, None, None, sizes, mode="linear",
@@ -145,10 +169,27 @@ def resize(b: Emitter, maps: gs.Tensor, hw: gs.Tensor) -> gs.Tensor:
     return b.squeeze(resized, [1])
 
 
-def combine(b: Emitter, raws: Sequence[gs.Tensor], hw: gs.Tensor) -> gs.Tensor:
+def upsampling_matrix(size_out: int, size_in: int) -> np.ndarray:
+    r"""(size_out, size_in) float32 whose row o holds the linear interpolation weights of
+    output o: :math:`x = \max((o + 0.5)\, n_{in} / n_{out} - 0.5, 0)`, weight :math:`1 - f` on
+    :math:`\lfloor x \rfloor` and :math:`f = x - \lfloor x \rfloor` on the next pixel, clamped
+    to the last (cv2 INTER_LINEAR and ONNX Resize ``linear``/``half_pixel`` when upsampling)."""
+    x = np.maximum((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0.0)
+    low = np.minimum(np.floor(x).astype(np.int64), size_in - 1)
+    frac = x - low
+    matrix = np.zeros((size_out, size_in))
+    np.add.at(matrix, (np.arange(size_out), low), 1.0 - frac)
+    np.add.at(matrix, (np.arange(size_out), np.minimum(low + 1, size_in - 1)), frac)
+    return matrix.astype(np.float32)
+
+
+def combine(b: Emitter, raws: Sequence[gs.Tensor], hw: gs.Tensor,
+            sizes: Sequence[Sizes] | None = None) -> gs.Tensor:
     """:func:`onnxcam.methods.combine_layers`: per layer ``scale_maps(raw, size)``, the mean
-    over layers, then ``scale_maps`` once more."""
-    scaled = [clip01(b, resize(b, scale(b, raw), hw)) for raw in raws]
+    over layers, then ``scale_maps`` once more. ``sizes`` per layer, where known, let the
+    resize be matrix products (:func:`resize`)."""
+    sizes = sizes or [None] * len(raws)
+    scaled = [clip01(b, resize(b, scale(b, raw), hw, size)) for raw, size in zip(raws, sizes)]
     mean = scaled[0]
     if len(scaled) > 1:
         mean = b.div(b.op("Sum", *scaled), float(len(scaled)))
@@ -157,9 +198,9 @@ def combine(b: Emitter, raws: Sequence[gs.Tensor], hw: gs.Tensor) -> gs.Tensor:
     return scale(b, mean, in_range=True)
 
 
-def post_process(b: Emitter, raw: gs.Tensor, hw: gs.Tensor) -> gs.Tensor:
+def post_process(b: Emitter, raw: gs.Tensor, hw: gs.Tensor, sizes: Sizes | None = None) -> gs.Tensor:
     """combine_layers([raw], size) for one layer: scale_maps(raw, size), then scale_maps()."""
-    return combine(b, [raw], hw)
+    return combine(b, [raw], hw, [sizes])
 
 
 # -- numpy formulas as graphs -----------------------------------------------------------------
@@ -169,9 +210,9 @@ class Traced:
 
     Each operation they use emits one ONNX node through the emitter: the arithmetic operators
     and ``**``, ``!=`` / ``==`` / ``>``, ``np.maximum`` (``__array_ufunc__``), ``np.where``
-    (``__array_function__``), ``.sum`` / ``.mean`` over axes, and indexing with full slices
-    and ``None`` (new axes). Anything else raises, so a formula that cannot be exported
-    fails loudly instead of exporting something else.
+    and ``np.einsum`` (``__array_function__``), ``.sum`` / ``.mean`` over axes, and indexing
+    with full slices and ``None`` (new axes). Anything else raises, so a formula that cannot be
+    exported fails loudly instead of exporting something else.
     """
 
     __array_priority__ = 1000  # numpy defers ``scalar * traced`` to us
@@ -222,6 +263,8 @@ class Traced:
         return self._node(self._UFUNCS[ufunc], *inputs)
 
     def __array_function__(self, func, types, args, kwargs):
+        if func is np.einsum and not kwargs and isinstance(args[0], str):
+            return Traced(self.b, self.b.einsum(args[0], *(a.tensor if isinstance(a, Traced) else a for a in args[1:])))
         if func is not np.where or kwargs or len(args) != 3:
             raise NotImplementedError(f"np.{func.__name__} is not exported")
         return self._node("Where", *args)

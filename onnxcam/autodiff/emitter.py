@@ -138,6 +138,18 @@ class Emitter:
         return self.reshape(a, self.shape(like))
 
     def expand(self, a, shape: Tensor) -> Tensor: return self.op("Expand", a, shape)
+
+    def spread(self, a, like: gs.Tensor, axes: Sequence[int], factor: float = 1.0) -> Tensor:
+        """``a`` (size 1 on ``axes``, like ``like`` elsewhere) times ``factor``, broadcast to
+        ``like``'s shape. Where ``like``'s dims on ``axes`` are static this is one Mul by a
+        constant of ``factor`` shaped 1 elsewhere: onnxruntime's Expand is ~4x slower than a
+        broadcasting Mul for it (77 vs 19 us for MobileNetV2's [1, 1280, 7, 7] on one core)."""
+        dims = list(like.shape) if like.shape is not None else None
+        if dims is not None and all(isinstance(dims[i], (int, np.integer)) and dims[i] > 0 for i in axes):
+            filler = [int(dims[i]) if i in axes else 1 for i in range(len(dims))]
+            return self.mul(a, self.const(np.full(filler, factor, self.float_dtype)))
+        scaled = a if factor == 1.0 else self.mul(a, factor)
+        return self.expand(scaled, self.shape(like))
     def transpose(self, a, perm: Sequence[int]) -> Tensor: return self.op("Transpose", a, perm=list(perm))
     def unsqueeze(self, a, axes: Sequence[int]) -> Tensor: return self.op("Unsqueeze", a, self.ints(axes))
     def squeeze(self, a, axes: Sequence[int]) -> Tensor: return self.op("Squeeze", a, self.ints(axes))

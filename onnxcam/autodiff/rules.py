@@ -1109,9 +1109,8 @@ def _global_average_pool(ctx: VJP):
     shape = static_shape(x)
     spatial = shape[2:] if shape is not None else None
     if spatial and all(isinstance(d, (int, np.integer)) for d in spatial):
-        scaled = b.mul(ctx.g, 1.0 / float(np.prod(spatial)))
-    else:
-        scaled = b.div(ctx.g, b.as_float(b.op("ReduceProd", b.shape(x, start=2), keepdims=1)))
+        return [b.spread(ctx.g, x, range(2, len(shape)), 1.0 / float(np.prod(spatial)))]
+    scaled = b.div(ctx.g, b.as_float(b.op("ReduceProd", b.shape(x, start=2), keepdims=1)))
     return [b.expand(scaled, b.shape(x))]
 
 
@@ -1201,6 +1200,10 @@ def _reduction(ctx: VJP) -> tuple[list[int], Tensor, Tensor]:
 def _reduce_sum_mean(ctx: VJP):
     b, x = ctx.b, ctx.x[0]
     axes, g, _ = _reduction(ctx)
+    dims = static_shape(x)
+    if dims is not None and axes and all(isinstance(dims[i], (int, np.integer)) and dims[i] > 0 for i in axes):
+        count = float(np.prod([int(dims[i]) for i in axes]))
+        return [b.spread(g, x, axes, 1.0 / count if ctx.node.op == "ReduceMean" else 1.0), None]
     if ctx.node.op == "ReduceMean" and axes:
         # count = size(x) / size(y): right for static and dynamic shapes alike.
         g = b.div(b.mul(g, b.as_float(b.size(ctx.y[0]))), b.as_float(b.size(x)))
