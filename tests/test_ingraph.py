@@ -134,3 +134,18 @@ def test_scorecam_masks_in_the_graph_on_a_mobilenet():
     np.testing.assert_allclose(ours.weights[name], theirs.weights[name], rtol=1e-4, atol=1e-6)
     assert np.abs(ours.heatmaps - theirs.heatmaps).max() <= 1e-4
     assert ours.heatmaps.max() > 0.5 and _masks_session_used(fast)
+
+
+@pytest.mark.parametrize("size_out, size_in", [((224, 224), (7, 7)), ((64, 96), (8, 12)), ((13, 50), (5, 3)),
+                                               ((7, 7), (7, 7)), ((100, 31), (3, 31))])
+def test_the_upsampling_matrices_are_cv2_inter_linear(size_out, size_in):
+    """R_H m R_W^T (the in-graph resize between fixed sizes) against cv2.resize itself."""
+    import cv2
+
+    from onnxcam.ingraph import upsampling_matrix
+
+    m = np.random.default_rng(0).random(size_in).astype(np.float32)
+    rows, cols = upsampling_matrix(size_out[0], size_in[0]), upsampling_matrix(size_out[1], size_in[1])
+    expected = cv2.resize(m, size_out[::-1], interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(rows @ m @ cols.T, expected, atol=3e-7)
+    np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-6)  # weights of each output pixel
