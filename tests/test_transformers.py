@@ -106,6 +106,42 @@ def test_swin_stages_are_found_with_run_time_shapes():
         assert ((32, 8, 8), "NHWC") in sizes  # stage 2, after patch merging and shifted windows
 
 
+def test_partitioned_tensors_are_not_maps_even_when_their_shape_is_one():
+    """A window partition of a 16x16x16 map into 4x4 windows gives [N, 16 windows, 16 positions,
+    16 channels]: the shape of the map itself. Only the places of the elements tell it is not a
+    map (and the departition is one)."""
+    rng = np.random.default_rng(0)
+    c, size, p = 16, 16, 4
+    init = {"w": rng.standard_normal((c, 3, 3, 3)).astype(np.float32) * 0.3,
+            "cut6": np.array([1, c, size // p, p, size // p, p], np.int64),
+            "cut4": np.array([1, (size // p) ** 2, p * p, c], np.int64),
+            "back6": np.array([1, size // p, size // p, p, p, c], np.int64),
+            "back4": np.array([1, c, size, size], np.int64),
+            "scale": np.ones(c, np.float32), "bias": np.zeros(c, np.float32),
+            "fc": rng.standard_normal((c, c)).astype(np.float32) * 0.3,
+            "head": rng.standard_normal((c, 5)).astype(np.float32), "flat": np.array([1, c], np.int64)}
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["conv", "cut6"], ["cells6"]),
+        helper.make_node("Transpose", ["cells6"], ["cellsT"], perm=[0, 2, 4, 3, 5, 1]),
+        helper.make_node("Reshape", ["cellsT", "cut4"], ["windows"]),
+        helper.make_node("LayerNormalization", ["windows", "scale", "bias"], ["norm"], axis=-1),
+        helper.make_node("MatMul", ["norm", "fc"], ["linear"]),
+        helper.make_node("Add", ["windows", "linear"], ["mixed"]),
+        helper.make_node("Reshape", ["mixed", "back6"], ["back6d"]),
+        helper.make_node("Transpose", ["back6d"], ["backT"], perm=[0, 5, 1, 3, 2, 4]),
+        helper.make_node("Reshape", ["backT", "back4"], ["map"]),
+        helper.make_node("GlobalAveragePool", ["map"], ["pooled"]),
+        helper.make_node("Reshape", ["pooled", "flat"], ["flatpool"]),
+        helper.make_node("MatMul", ["flatpool", "head"], ["logits"]),
+    ]
+    model = build_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+                        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])], init, opset=17)
+    layers = {l.name: l for l in Explainer(model, cache=False).layers()}
+    assert not {"windows", "norm", "linear", "mixed"} & set(layers)
+    assert (layers["map"].shape, layers["map"].kind, layers["map"].default) == ((c, size, size), "NCHW", True)
+
+
 def test_rollout_refuses_window_attention():
     with pytest.raises(OnnxcamError, match="window attention"):
         Explainer(FIXTURES / "swin_ts.onnx", cache=False).explain(np.zeros((1, 3, 64, 64), np.float32), "rollout")
