@@ -1,8 +1,8 @@
 """Vision transformers: token layers, NHWC stages, default layers and attention methods.
 
-The fixtures (``tests/fixtures/transformers``) are small random-weight torchvision ViT and Swin,
-timm DeiT (distilled: two prefix tokens), a timm ViT with 4 register tokens and a mean-pooled
-timm ViT on a non-square input, each
+The fixtures (``tests/fixtures/transformers``) are small random-weight torchvision ViT, Swin and
+MaxViT, timm DeiT (distilled: two prefix tokens), a timm ViT with 4 register tokens and a
+mean-pooled timm ViT on a non-square input, each
 exported by the TorchScript and the dynamo exporter, with pytorch-grad-cam's maps (its tutorials'
 layers and reshape transforms) and rollout / gradient-weighted rollout computed in torch from
 the papers' equations: ``tools/make_transformer_fixtures.py``.
@@ -27,11 +27,12 @@ from onnxcam.tokens import TokenGrid, factor_grids
 from tests.tiny_models import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transformers"
-CASES = [(name, exporter) for name in ("vit", "deit", "vitreg", "swin", "vitgap") for exporter in ("ts", "dynamo")]
+CASES = [(name, exporter) for name in ("vit", "deit", "vitreg", "swin", "vitgap", "maxvit")
+         for exporter in ("ts", "dynamo")]
 #: (prefix, grid) of the reference layer of each model; Swin's is NHWC
 KINDS = {"vit": "tokens (prefix 1, grid 6x6)", "deit": "tokens (prefix 2, grid 6x6)",
          "vitreg": "tokens (prefix 5, grid 6x6)", "swin": "NHWC",
-         "vitgap": "tokens (prefix 0, grid 4x6)"}
+         "vitgap": "tokens (prefix 0, grid 4x6)", "maxvit": "NCHW"}
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,8 +47,9 @@ def case(request):
 
 
 def test_default_layer_is_the_tutorials_layer(case):
-    """ViT / DeiT (CLS-pooled): the last block's first LayerNorm; Swin, ViT-GAP (mean-pooled):
-    the last token / spatial tensor before pooling (Swin: the permute of the final norm)."""
+    """ViT / DeiT (CLS-pooled): the last block's first LayerNorm; Swin, ViT-GAP, MaxViT
+    (mean-pooled): the last token / spatial tensor before pooling (Swin: the permute of the
+    final norm; MaxViT: the map put back together after the last grid attention)."""
     name, exporter, explainer, refs = case
     default = next(l for l in explainer.layers() if l.default)
     expected = str(refs[f"layer:{exporter}"])
@@ -104,6 +106,36 @@ def test_swin_stages_are_found_with_run_time_shapes():
         sizes = {(l.shape, l.layout) for l in layers}
         assert ((16, 16, 16), "NHWC") in sizes  # stage 1
         assert ((32, 8, 8), "NHWC") in sizes  # stage 2, after patch merging and shifted windows
+
+
+def test_maxvit_maps_are_found_after_each_partitioned_attention():
+    """MaxViT cuts the NCHW map into windows / grid cells (Reshape, Transpose, Reshape to
+    [N, cells, P*P, C]), attends, and puts it back: the tensors put back are maps, those in
+    between are not (their axes are cells and positions in a cell, not rows and columns)."""
+    for exporter, back in (("ts", 4), ("dynamo", 2)):  # dynamo fuses window-back + grid-cut
+        explainer = Explainer(FIXTURES / f"maxvit_{exporter}.onnx", cache=False)
+        graph, layers = explainer.graph, explainer.layers()
+        reshaped = [(l.shape, l.kind) for l in layers if graph.producer[l.name].op_type == "Reshape"]
+        assert reshaped == [((16, 16, 16), "NCHW")] * (back // 2) + [((32, 8, 8), "NCHW")] * (back // 2)
+        names = {l.name for l in layers}
+        for node in graph.model.graph.node:
+            if node.op_type in ("LayerNormalization", "Einsum", "Softmax"):
+                assert node.output[0] not in names  # inside the partitions
+        refs = np.load(FIXTURES / "maxvit.npz")
+        assert graph.find_layer(str(refs[f"early:{exporter}"])).shape == (16, 16, 16)
+
+
+@pytest.mark.parametrize("exporter", ["ts", "dynamo"])
+def test_maxvit_gradients_equal_torch_autograd(exporter):
+    """At the default layer and at the first block's output, whose gradient comes back through
+    the last block's window and grid attention (Einsum, Softmax, the partition reshapes)."""
+    refs = np.load(FIXTURES / "maxvit.npz")
+    classes = [int(c) for c in refs["classes"]]
+    for key, expected in (("layer", refs["gradient:classes"]), ("early", refs["early-gradient:classes"])):
+        layer = str(refs[f"{key}:{exporter}"])
+        result = Explainer(FIXTURES / f"maxvit_{exporter}.onnx", layer=layer, cache=False).explain(
+            refs["x"], "gradcam", classes)
+        np.testing.assert_allclose(result.gradients[layer], expected, atol=1e-5 * np.abs(expected).max(), rtol=1e-3)
 
 
 def test_partitioned_tensors_are_not_maps_even_when_their_shape_is_one():
