@@ -240,21 +240,23 @@ def test_export_of_attention_methods_equals_the_explainer(method):
 # -- token grids without a patch-embedding convolution ---------------------------------------------
 
 def _patchify_model(height: int, width: int, patch: int, prefix: int, pool: str = "cls", channels: int = 8,
-                    hide_prefix: bool = False):
+                    hide_prefix: bool = False, batch: int | str = 1):
     """Patches by Reshape/Transpose (no Conv), a linear embedding, ``prefix`` learned tokens
     concatenated in front, one token-mixing layer, CLS or mean pooling, a linear head.
     ``hide_prefix`` makes the learned tokens depend on the image (times 0), so the graph no
-    longer says how many tokens are prefix."""
+    longer says how many tokens are prefix. A symbolic ``batch`` expands the learned tokens to
+    it as dynamic-batch exports do (``Expand`` to ``Shape(input)[0]``)."""
     rng = np.random.default_rng(0)
     h, w = height // patch, width // patch
     init = {
-        "shape6": np.array([1, 3, h, patch, w, patch], np.int64),
-        "shape3": np.array([1, h * w, 3 * patch * patch], np.int64),
+        "shape6": np.array([0, 3, h, patch, w, patch], np.int64),  # 0: the batch, copied
+        "shape3": np.array([0, h * w, 3 * patch * patch], np.int64),
         "embed": rng.standard_normal((3 * patch * patch, channels)).astype(np.float32),
         "cls": rng.standard_normal((1, max(prefix, 1), channels)).astype(np.float32),
         "head": rng.standard_normal((channels, 10)).astype(np.float32),
-        "zero": np.array([0], np.int64),
-        "flat": np.array([1, channels], np.int64),
+        "zero": np.array([0], np.int64), "one": np.array([1], np.int64),
+        "learned": np.array([max(prefix, 1), channels], np.int64),
+        "flat": np.array([0, channels], np.int64),
         "nothing": np.zeros((1, 1, 1), np.float32),
     }
     nodes = [
@@ -267,8 +269,14 @@ def _patchify_model(height: int, width: int, patch: int, prefix: int, pool: str 
         nodes += [helper.make_node("ReduceMean", ["input"], ["image_mean"], axes=[1, 2, 3], keepdims=0),
                   helper.make_node("Mul", ["image_mean", "nothing"], ["image_zero"]),
                   helper.make_node("Add", ["cls", "image_zero"], ["cls_used"])]
+    elif isinstance(batch, str):
+        nodes += [helper.make_node("Shape", ["input"], ["input_shape"]),
+                  helper.make_node("Slice", ["input_shape", "zero", "one"], ["n"]),
+                  helper.make_node("Concat", ["n", "learned"], ["cls_shape"], axis=0),
+                  helper.make_node("Expand", ["cls", "cls_shape"], ["cls_used"])]
     nodes += [
-        helper.make_node("Concat", ["cls_used" if hide_prefix else "cls", "emb"], ["tokens"], axis=1) if prefix else
+        helper.make_node("Concat", ["cls_used" if hide_prefix or isinstance(batch, str) else "cls", "emb"], ["tokens"],
+                         axis=1) if prefix else
         helper.make_node("Identity", ["emb"], ["tokens"]),
         helper.make_node("Tanh", ["tokens"], ["act"]),
         helper.make_node("Transpose", ["act"], ["actT"], perm=[0, 2, 1]),
@@ -281,8 +289,8 @@ def _patchify_model(height: int, width: int, patch: int, prefix: int, pool: str 
         helper.make_node("Reshape", ["pooled3", "flat"], ["pooled"]),
         helper.make_node("MatMul", ["pooled", "head"], ["logits"]),
     ]
-    return build_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, height, width])],
-                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], init)
+    return build_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, height, width])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], init)
 
 
 def test_grid_from_the_aspect_ratio_and_prefix_from_the_concat():
@@ -292,6 +300,19 @@ def test_grid_from_the_aspect_ratio_and_prefix_from_the_concat():
     default = next(l for l in layers.values() if l.default)
     assert default.name == "act"  # the last token tensor that still feeds the attention
     assert factor_grids(32, (32, 64)) == [(4, 8)]
+
+
+def test_prefix_expanded_to_a_dynamic_batch_is_still_prefix():
+    """The CLS token reaches the Concat through Expand(cls, Shape(input)[0] ...): its values do
+    not depend on the image, only its count on the batch, so it still counts as prefix (it did
+    not: 33 tokens were read as 33 patches, and no grid fitted)."""
+    model = _patchify_model(32, 64, 8, prefix=1, batch="N")
+    explainer = Explainer(model, cache=False)
+    layers = {l.name: l for l in explainer.layers()}
+    assert layers["tokens"].kind == "tokens (prefix 1, grid 4x8)"
+    assert next(l for l in layers.values() if l.default).name == "act"
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 64)).astype(np.float32)
+    assert explainer.explain(x, "gradcam").heatmaps.shape == (2, 32, 64)
 
 
 def test_mean_pooled_default_is_the_last_token_tensor():
