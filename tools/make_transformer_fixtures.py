@@ -35,8 +35,9 @@ classes (3, 5):
   prefix tokens; Swin the final norm (NHWC, permuted); ViT-GAP the last block's output;
   MaxViT the last block's last layer (``blocks[-1].layers[-1]``, NCHW after grid attention).
   The ONNX tensor holding that layer is found by value (onnxruntime runs every intermediate
-  tensor of its shape as an output; the one equal to the torch forward hook's output), per exporter, and
-  recorded as ``layer:<exporter>``; it must be onnxcam's default layer (the test checks).
+  tensor of its shape as an output; the one equal to the torch forward hook's output), per
+  exporter, and recorded as ``layer:<exporter>``; it must be onnxcam's default layer (the test
+  checks).
 * ``rollout`` (Abnar & Zuidema 2020) and ``gradient-rollout`` (Chefer, Gur & Wolf 2021) for
   ViT and DeiT: the attention probabilities from a torch forward in which every attention is an
   explicit ``softmax(QK^T/sqrt(d))`` tensor with ``retain_grad`` (its logits checked equal to
@@ -50,7 +51,8 @@ classes (3, 5):
 
 ``--full`` instead checks the full-size torchvision ``vit_b_16``, ``swin_t``, ``maxvit_t`` and timm
 ``deit_tiny_distilled_patch16_224`` (224x224, both exporters) the same way without writing
-fixtures, prints every correlation, and times ViT-B/16 on CPU (onnxcam Grad-CAM, rollout,
+fixtures, prints every correlation (and how many maps are all zero on both sides) and MaxViT's
+gradient errors, and times ViT-B/16 on CPU (onnxcam Grad-CAM, rollout,
 gradient rollout vs the plain forward of the exported model in onnxruntime, medians).
 
 Usage::
@@ -366,7 +368,9 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def compare(path: Path, refs: dict, layer: str) -> dict[str, float]:
+def compare(path: Path, refs: dict, layer: str, early: str | None = None) -> dict[str, float]:
+    """Correlations with the reference maps; for MaxViT also the gradients' largest error
+    relative to torch's largest value, at ``layer`` and at ``early`` (the first block's output)."""
     from onnxcam import Explainer
 
     explainer = Explainer(path, cache=False)
@@ -380,12 +384,17 @@ def compare(path: Path, refs: dict, layer: str) -> dict[str, float]:
         targets = None if which == "top1" else classes
         chosen = explainer if method in ("rollout", "gradient-rollout") else at_layer
         maps = chosen.explain(refs["x"], method, targets).heatmaps
-        results[f"{key} correlation"] = correlation(maps, refs[key])
-    if "gradient:classes" in refs:
-        gradient = at_layer.explain(refs["x"], "gradcam", classes).gradients[layer]
-        expected = refs["gradient:classes"]
-        results["gradient:classes max|error|/max|torch|"] = float(
-            np.abs(gradient - expected).max() / np.abs(expected).max())
+        # an all-zero map (nothing positive at the layer) agrees with an all-zero reference
+        # vacuously: say how many there are
+        zero = sum(not m.any() and not r.any() for m, r in zip(maps, refs[key]))
+        results[f"{key} correlation" + (f" ({zero} of {len(maps)} maps all zero in both)" if zero else "")] = \
+            correlation(maps, refs[key])
+    for key, name in (("gradient:classes", layer), ("early-gradient:classes", early)):
+        if key in refs and name is not None:
+            at = at_layer if name == layer else Explainer(path, layer=name, cache=False)
+            gradient = at.explain(refs["x"], "gradcam", classes).gradients[name]
+            results[f"{key} max|error|/max|torch|"] = float(
+                np.abs(gradient - refs[key]).max() / np.abs(refs[key]).max())
     return results
 
 
@@ -446,9 +455,10 @@ def full(only, exporters=("ts", "dynamo")) -> None:
                 started = time.perf_counter()
                 export(spec["model"], spec["size"], path, exporter == "dynamo")
                 layer = tensor_by_value(path, refs["x"], values["layer"])
+                early = tensor_by_value(path, refs["x"], values["early"]) if "early" in values else None
                 print(f"{name} {exporter} (export {time.perf_counter() - started:.0f} s)")
-                for key, r in compare(path, refs, layer).items():
-                    print(f"    {key:<40} {r:.5g}")
+                for key, r in compare(path, refs, layer, early).items():
+                    print(f"    {key:<40} {r:.7g}")
                 if name == "vit_b_16" and exporter == "ts":
                     timings(path, spec["size"])
                 os.remove(path)
