@@ -9,7 +9,9 @@ Two questions are answered here, from the graph alone:
   throughout; tf2onnx exports of Keras models take NHWC input and wrap convolutions in
   Transposes. The layout of every 4-D tensor is propagated forward from ops whose layout is
   fixed by the ONNX spec (Conv and pools are NCHW) through Transposes and layout-preserving
-  ops, so nothing is guessed from shapes except the graph input.
+  ops, and through Reshapes by following where each element sits in the map (MaxViT's
+  window / grid partitions put back together), so nothing is guessed from shapes except the
+  graph input.
 
 The default layer is the last spatial activation (H*W > 1) on the way to the logits, i.e. the
 tensor right before the spatial dimensions are pooled or flattened away.
@@ -50,6 +52,9 @@ _LAYOUT_PRESERVING_OPS = frozenset({
 #: Ops that keep a channels-last layout when they act on the last axis with a constant weight
 #: (a Linear layer on NHWC tensors: Swin, ConvNeXt's pointwise MLPs).
 _CHANNEL_LAST_LINEAR_OPS = frozenset({"MatMul", "Gemm"})
+
+#: Ops whose every output element sits where the same element of their inputs does.
+_POSITIONWISE_OPS = _LAYOUT_PRESERVING_OPS - {"Concat", "Slice", "Pad", "Resize", "Upsample"}
 
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -324,8 +329,15 @@ class ModelGraph:
 
     # -- layouts ------------------------------------------------------------------------------
     def _propagate_layouts(self) -> dict[str, str]:
-        """Axis letters ("NCHW", "NHWC", ...) of every 4-D tensor whose layout is known."""
+        """Axis letters ("NCHW", "NHWC", ...) of every 4-D tensor whose layout is known.
+
+        Where no op fixes the layout, the places of the elements are followed instead
+        (:class:`_Places`): through Reshape, Transpose, element-wise ops and channel-wise
+        LayerNorm / Linear, so a map cut into windows and put back (MaxViT's window and grid
+        attention, ShuffleNet's channel shuffle) is a map again, and a tensor still in windows
+        is never read as one."""
         layouts: dict[str, str] = {}
+        places: dict[str, _Places] = {}
         try:
             layouts[self.input.name] = self.input_layout()
         except ModelError:
@@ -339,8 +351,6 @@ class ModelGraph:
                 source = layouts[node.input[0]]
                 if len(perm) == len(source):
                     layout = "".join(source[p] for p in perm)
-            elif node.op_type == "Reshape":
-                layout = self._reshape_layout(node, layouts)
             elif node.op_type in _LAYOUT_PRESERVING_OPS:
                 for name in node.input:
                     if name in layouts:
@@ -349,26 +359,49 @@ class ModelGraph:
             elif node.op_type in _CHANNEL_LAST_LINEAR_OPS and node.input[0] in layouts:
                 if layouts[node.input[0]].endswith("C") and node.input[1] in self.initializers:
                     layout = layouts[node.input[0]]
-            if layout is None:
-                continue
-            for name in node.output[:1]:
-                dims = self.dims(name)
-                if dims is not None and len(dims) == 4:
-                    layouts[name] = layout
+            dims = self.dims(node.output[0]) if node.output else None
+            if layout is None and dims is not None:
+                moved = self._moved(node, dims, layouts, places)
+                if moved is not None:
+                    layout = moved.layout(dims)
+                    if layout is None:
+                        places[node.output[0]] = moved
+            if layout is not None and dims is not None and len(dims) == 4:
+                layouts[node.output[0]] = layout
         return layouts
 
-    def _reshape_layout(self, node: onnx.NodeProto, layouts: dict[str, str]) -> str | None:
-        """A Reshape (chain) that gives back the dims of a tensor with a known layout keeps that
-        layout: ShuffleNet's channel shuffle is Reshape -> Transpose -> Reshape to N,C,H,W."""
-        dims = self.dims(node.output[0])
-        source = node.input[0]
-        for _ in range(8):
-            if source in layouts:
-                return layouts[source] if self.dims(source) == dims else None
-            producer = self.producer.get(source)
-            if producer is None or producer.op_type not in ("Reshape", "Transpose"):
-                return None
-            source = producer.input[0]
+    def _moved(self, node: onnx.NodeProto, dims: tuple, layouts: dict[str, str],
+               places: dict[str, _Places]) -> _Places | None:
+        """The places of ``node``'s output elements, when they follow from its input's."""
+        def where(name: str) -> _Places | None:
+            if name in places:
+                return places[name]
+            return _Places.of(layouts[name], self.dims(name) or ()) if name in layouts else None
+
+        if not node.input or len(dims) < 2 or dims[0] is None:
+            return None
+        if node.op_type in _POSITIONWISE_OPS:
+            # the inputs of the output's own shape must agree on where their elements are
+            found = [where(name) for name in node.input if name and self.dims(name) == dims]
+            found = [f for f in found if f is not None]
+            return found[0] if found and all(f.same(found[0]) for f in found) else None
+        if node.op_type not in ("Reshape", "Transpose", "LayerNormalization", "MatMul"):
+            return None
+        source, before = where(node.input[0]), self.dims(node.input[0])
+        if source is None or before is None or before[0] != dims[0]:
+            return None  # unknown, or the batch axis takes part (Swin's windows go to the batch axis)
+        if node.op_type == "Transpose":
+            perm = list(_attr(node, "perm", []))
+            return source.transposed(perm) if perm[:1] == [0] and len(perm) == len(dims) else None
+        if node.op_type == "Reshape":
+            return source.reshaped(before[1:], dims[1:])
+        if node.op_type == "LayerNormalization":
+            # normalising over trailing channel axes moves nothing
+            axis = _attr(node, "axis", -1) % len(dims)
+            return source if axis >= 1 and before == dims and source.channels_only(axis - 1) else None
+        if node.op_type == "MatMul" and node.input[1] in self.initializers:
+            # a Linear layer on a channels-last axis (constant weight): new channels, same places
+            return source if before[:-1] == dims[:-1] and source.channels_only(len(dims) - 2) else None
         return None
 
     # -- what to explain ----------------------------------------------------------------------
@@ -522,6 +555,79 @@ def pin_input_size(model: onnx.ModelProto, size: tuple[int, int] | None,
         target.type.tensor_type.shape.dim[axis].dim_value = int(value)
     del pinned.graph.value_info[:]
     return pinned
+
+
+@dataclass(frozen=True)
+class _Places:
+    """Where the elements of a tensor sit in an ``hw`` feature map.
+
+    ``index`` has the tensor's shape without the batch axis, except that axes holding
+    channels have size 1 (so does every axis of size 1), and holds ``h * W + w``. Reshape and
+    Transpose move it as they move the data; a Reshape that would mix channels with positions
+    ends the trail (nothing is guessed)."""
+
+    index: np.ndarray
+    hw: tuple[int, int]
+
+    @staticmethod
+    def of(layout: str, dims: tuple) -> _Places | None:
+        """The places of a tensor whose layout ("NCHW", "NHWC", "NHCW", ...) is known."""
+        shape = dict(zip(layout, dims))
+        h, w = shape.get("H"), shape.get("W")
+        if layout[:1] != "N" or sorted(layout) != sorted("NCHW") or not (isinstance(h, int) and isinstance(w, int)):
+            return None
+        index = np.arange(h * w, dtype=np.int32).reshape(1, h, w)
+        return _Places(index.transpose(["CHW".index(axis) for axis in layout[1:]]), (h, w))
+
+    def layout(self, dims: tuple) -> str | None:
+        """"NCHW" or "NHWC" when a 4-D tensor of ``dims`` holds the map in that layout."""
+        h, w = self.hw
+        if len(dims) != 4 or self.index.size != h * w or not np.array_equal(self.index.reshape(-1), np.arange(h * w)):
+            return None
+        if tuple(dims[2:]) == (h, w) and self.index.shape == (1, h, w):
+            return "NCHW"
+        if tuple(dims[1:3]) == (h, w) and self.index.shape == (h, w, 1):
+            return "NHWC"
+        return None
+
+    def same(self, other: _Places) -> bool:
+        return self.hw == other.hw and np.array_equal(self.index, other.index)
+
+    def channels_only(self, first: int) -> bool:
+        """Whether the axes from ``first`` (batch not counted) hold channels only."""
+        return all(size == 1 for size in self.index.shape[first:])
+
+    def transposed(self, perm: list[int]) -> _Places:
+        return _Places(self.index.transpose([axis - 1 for axis in perm[1:]]), self.hw)
+
+    def reshaped(self, before: tuple, after: tuple) -> _Places | None:
+        """After a Reshape of the non-batch dims ``before`` to ``after``: each run of axes
+        whose sizes multiply alike (size-1 axes aside) must be all channels or all positions."""
+        if not all(isinstance(d, int) and d > 0 for d in before + after) or self.index.ndim != len(before):
+            return None
+        sizes = [d for d in before if d > 1], [d for d in after if d > 1]
+        if int(np.prod(sizes[0])) != int(np.prod(sizes[1])):
+            return None
+        spatial = [self.index.shape[k] > 1 for k, d in enumerate(before) if d > 1]
+        kinds: list[bool] = []  # per non-1 axis of ``after``: holds positions
+        i = j = 0
+        while i < len(sizes[0]):
+            group, product, out = [spatial[i]], sizes[0][i], [sizes[1][j]]
+            i, j = i + 1, j + 1
+            while product != int(np.prod(out)):
+                if product < int(np.prod(out)):
+                    group.append(spatial[i])
+                    product *= sizes[0][i]
+                    i += 1
+                else:
+                    out.append(sizes[1][j])
+                    j += 1
+            if len(set(group)) > 1:
+                return None  # channels and positions mixed in one axis
+            kinds += group[:1] * len(out)
+        kept = iter(kinds)
+        shape = [d if d > 1 and next(kept) else 1 for d in after]
+        return _Places(self.index.reshape(shape), self.hw)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

@@ -10,10 +10,16 @@ prefix are read from the graph, in this order:
 1. the nearest upstream 4-D activation with a known layout (the patch-embedding Conv's output
    ``[N, C, h, w]``, or a hybrid backbone's last stage): ``(h, w)`` from it, ``P = T - h*w``;
 2. otherwise the prefix is what Concats along the token axis add from tensors that do not depend
-   on the image (the CLS token, the position-embedding side), and ``T - P`` must factor into
-   exactly one ``h x w`` with square patches of a whole number of pixels for the input size;
+   on the image (the CLS token, the position-embedding side; expanded to a dynamic batch through
+   ``Shape`` or not), and ``T - P`` must factor into exactly one ``h x w`` with square patches
+   of a whole number of pixels for the input size;
 3. otherwise the tensor is *ambiguous*: choosing it is an error asking for ``--grid H W
    --prefix P`` (never a guess).
+
+A position embedding ``[1, T, C]`` is not a further source: its ``T`` is the token count of
+the tensor it is added to, already known from that tensor's shape, and it covers the prefix
+or not depending on whether it is added after or before the prefix Concat, which rule 2
+reads from the Concat itself.
 
 The default layer (:func:`default_index`) follows the pooling: when the classifier reads only
 prefix tokens (``x[:, 0]``, DeiT's ``(x[:, 0], x[:, 1])``), the tensors after the last
@@ -326,9 +332,12 @@ def _propagate(graph: ModelGraph, own) -> dict:
 
 
 def _downstream_of_input(graph: ModelGraph) -> set[str]:
+    """Tensors whose values depend on the image's. Not through Shape / Size: a CLS token
+    expanded to the batch (``Expand(cls, Shape(x)[0:1] ...)``, any dynamic-batch export) is
+    still the same learned token for every image."""
     seen = {graph.input.name}
     for node in graph.model.graph.node:
-        if any(i in seen for i in node.input):
+        if node.op_type not in ("Shape", "Size") and any(i in seen for i in node.input):
             seen.update(o for o in node.output if o)
     return seen
 

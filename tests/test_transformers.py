@@ -1,8 +1,8 @@
 """Vision transformers: token layers, NHWC stages, default layers and attention methods.
 
-The fixtures (``tests/fixtures/transformers``) are small random-weight torchvision ViT and Swin,
-timm DeiT (distilled: two prefix tokens), a timm ViT with 4 register tokens and a mean-pooled
-timm ViT on a non-square input, each
+The fixtures (``tests/fixtures/transformers``) are small random-weight torchvision ViT, Swin and
+MaxViT, timm DeiT (distilled: two prefix tokens), a timm ViT with 4 register tokens and a
+mean-pooled timm ViT on a non-square input, each
 exported by the TorchScript and the dynamo exporter, with pytorch-grad-cam's maps (its tutorials'
 layers and reshape transforms) and rollout / gradient-weighted rollout computed in torch from
 the papers' equations: ``tools/make_transformer_fixtures.py``.
@@ -27,11 +27,12 @@ from onnxcam.tokens import TokenGrid, factor_grids
 from tests.tiny_models import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transformers"
-CASES = [(name, exporter) for name in ("vit", "deit", "vitreg", "swin", "vitgap") for exporter in ("ts", "dynamo")]
+CASES = [(name, exporter) for name in ("vit", "deit", "vitreg", "swin", "vitgap", "maxvit")
+         for exporter in ("ts", "dynamo")]
 #: (prefix, grid) of the reference layer of each model; Swin's is NHWC
 KINDS = {"vit": "tokens (prefix 1, grid 6x6)", "deit": "tokens (prefix 2, grid 6x6)",
          "vitreg": "tokens (prefix 5, grid 6x6)", "swin": "NHWC",
-         "vitgap": "tokens (prefix 0, grid 4x6)"}
+         "vitgap": "tokens (prefix 0, grid 4x6)", "maxvit": "NCHW"}
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,8 +47,9 @@ def case(request):
 
 
 def test_default_layer_is_the_tutorials_layer(case):
-    """ViT / DeiT (CLS-pooled): the last block's first LayerNorm; Swin, ViT-GAP (mean-pooled):
-    the last token / spatial tensor before pooling (Swin: the permute of the final norm)."""
+    """ViT / DeiT (CLS-pooled): the last block's first LayerNorm; Swin, ViT-GAP, MaxViT
+    (mean-pooled): the last token / spatial tensor before pooling (Swin: the permute of the
+    final norm; MaxViT: the map put back together after the last grid attention)."""
     name, exporter, explainer, refs = case
     default = next(l for l in explainer.layers() if l.default)
     expected = str(refs[f"layer:{exporter}"])
@@ -104,6 +106,72 @@ def test_swin_stages_are_found_with_run_time_shapes():
         sizes = {(l.shape, l.layout) for l in layers}
         assert ((16, 16, 16), "NHWC") in sizes  # stage 1
         assert ((32, 8, 8), "NHWC") in sizes  # stage 2, after patch merging and shifted windows
+
+
+def test_maxvit_maps_are_found_after_each_partitioned_attention():
+    """MaxViT cuts the NCHW map into windows / grid cells (Reshape, Transpose, Reshape to
+    [N, cells, P*P, C]), attends, and puts it back: the tensors put back are maps, those in
+    between are not (their axes are cells and positions in a cell, not rows and columns)."""
+    for exporter, back in (("ts", 4), ("dynamo", 2)):  # dynamo fuses window-back + grid-cut
+        explainer = Explainer(FIXTURES / f"maxvit_{exporter}.onnx", cache=False)
+        graph, layers = explainer.graph, explainer.layers()
+        reshaped = [(l.shape, l.kind) for l in layers if graph.producer[l.name].op_type == "Reshape"]
+        assert reshaped == [((16, 16, 16), "NCHW")] * (back // 2) + [((32, 8, 8), "NCHW")] * (back // 2)
+        names = {l.name for l in layers}
+        for node in graph.model.graph.node:
+            if node.op_type in ("LayerNormalization", "Einsum", "Softmax"):
+                assert node.output[0] not in names  # inside the partitions
+        refs = np.load(FIXTURES / "maxvit.npz")
+        assert graph.find_layer(str(refs[f"early:{exporter}"])).shape == (16, 16, 16)
+
+
+@pytest.mark.parametrize("exporter", ["ts", "dynamo"])
+def test_maxvit_gradients_equal_torch_autograd(exporter):
+    """At the default layer and at the first block's output, whose gradient comes back through
+    the last block's window and grid attention (Einsum, Softmax, the partition reshapes)."""
+    refs = np.load(FIXTURES / "maxvit.npz")
+    classes = [int(c) for c in refs["classes"]]
+    for key, expected in (("layer", refs["gradient:classes"]), ("early", refs["early-gradient:classes"])):
+        layer = str(refs[f"{key}:{exporter}"])
+        result = Explainer(FIXTURES / f"maxvit_{exporter}.onnx", layer=layer, cache=False).explain(
+            refs["x"], "gradcam", classes)
+        np.testing.assert_allclose(result.gradients[layer], expected, atol=1e-5 * np.abs(expected).max(), rtol=1e-3)
+
+
+def test_partitioned_tensors_are_not_maps_even_when_their_shape_is_one():
+    """A window partition of a 16x16x16 map into 4x4 windows gives [N, 16 windows, 16 positions,
+    16 channels]: the shape of the map itself. Only the places of the elements tell it is not a
+    map (and the departition is one)."""
+    rng = np.random.default_rng(0)
+    c, size, p = 16, 16, 4
+    init = {"w": rng.standard_normal((c, 3, 3, 3)).astype(np.float32) * 0.3,
+            "cut6": np.array([1, c, size // p, p, size // p, p], np.int64),
+            "cut4": np.array([1, (size // p) ** 2, p * p, c], np.int64),
+            "back6": np.array([1, size // p, size // p, p, p, c], np.int64),
+            "back4": np.array([1, c, size, size], np.int64),
+            "scale": np.ones(c, np.float32), "bias": np.zeros(c, np.float32),
+            "fc": rng.standard_normal((c, c)).astype(np.float32) * 0.3,
+            "head": rng.standard_normal((c, 5)).astype(np.float32), "flat": np.array([1, c], np.int64)}
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["conv", "cut6"], ["cells6"]),
+        helper.make_node("Transpose", ["cells6"], ["cellsT"], perm=[0, 2, 4, 3, 5, 1]),
+        helper.make_node("Reshape", ["cellsT", "cut4"], ["windows"]),
+        helper.make_node("LayerNormalization", ["windows", "scale", "bias"], ["norm"], axis=-1),
+        helper.make_node("MatMul", ["norm", "fc"], ["linear"]),
+        helper.make_node("Add", ["windows", "linear"], ["mixed"]),
+        helper.make_node("Reshape", ["mixed", "back6"], ["back6d"]),
+        helper.make_node("Transpose", ["back6d"], ["backT"], perm=[0, 5, 1, 3, 2, 4]),
+        helper.make_node("Reshape", ["backT", "back4"], ["map"]),
+        helper.make_node("GlobalAveragePool", ["map"], ["pooled"]),
+        helper.make_node("Reshape", ["pooled", "flat"], ["flatpool"]),
+        helper.make_node("MatMul", ["flatpool", "head"], ["logits"]),
+    ]
+    model = build_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+                        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])], init, opset=17)
+    layers = {l.name: l for l in Explainer(model, cache=False).layers()}
+    assert not {"windows", "norm", "linear", "mixed"} & set(layers)
+    assert (layers["map"].shape, layers["map"].kind, layers["map"].default) == ((c, size, size), "NCHW", True)
 
 
 def test_rollout_refuses_window_attention():
@@ -172,21 +240,23 @@ def test_export_of_attention_methods_equals_the_explainer(method):
 # -- token grids without a patch-embedding convolution ---------------------------------------------
 
 def _patchify_model(height: int, width: int, patch: int, prefix: int, pool: str = "cls", channels: int = 8,
-                    hide_prefix: bool = False):
+                    hide_prefix: bool = False, batch: int | str = 1):
     """Patches by Reshape/Transpose (no Conv), a linear embedding, ``prefix`` learned tokens
     concatenated in front, one token-mixing layer, CLS or mean pooling, a linear head.
     ``hide_prefix`` makes the learned tokens depend on the image (times 0), so the graph no
-    longer says how many tokens are prefix."""
+    longer says how many tokens are prefix. A symbolic ``batch`` expands the learned tokens to
+    it as dynamic-batch exports do (``Expand`` to ``Shape(input)[0]``)."""
     rng = np.random.default_rng(0)
     h, w = height // patch, width // patch
     init = {
-        "shape6": np.array([1, 3, h, patch, w, patch], np.int64),
-        "shape3": np.array([1, h * w, 3 * patch * patch], np.int64),
+        "shape6": np.array([0, 3, h, patch, w, patch], np.int64),  # 0: the batch, copied
+        "shape3": np.array([0, h * w, 3 * patch * patch], np.int64),
         "embed": rng.standard_normal((3 * patch * patch, channels)).astype(np.float32),
         "cls": rng.standard_normal((1, max(prefix, 1), channels)).astype(np.float32),
         "head": rng.standard_normal((channels, 10)).astype(np.float32),
-        "zero": np.array([0], np.int64),
-        "flat": np.array([1, channels], np.int64),
+        "zero": np.array([0], np.int64), "one": np.array([1], np.int64),
+        "learned": np.array([max(prefix, 1), channels], np.int64),
+        "flat": np.array([0, channels], np.int64),
         "nothing": np.zeros((1, 1, 1), np.float32),
     }
     nodes = [
@@ -199,8 +269,14 @@ def _patchify_model(height: int, width: int, patch: int, prefix: int, pool: str 
         nodes += [helper.make_node("ReduceMean", ["input"], ["image_mean"], axes=[1, 2, 3], keepdims=0),
                   helper.make_node("Mul", ["image_mean", "nothing"], ["image_zero"]),
                   helper.make_node("Add", ["cls", "image_zero"], ["cls_used"])]
+    elif isinstance(batch, str):
+        nodes += [helper.make_node("Shape", ["input"], ["input_shape"]),
+                  helper.make_node("Slice", ["input_shape", "zero", "one"], ["n"]),
+                  helper.make_node("Concat", ["n", "learned"], ["cls_shape"], axis=0),
+                  helper.make_node("Expand", ["cls", "cls_shape"], ["cls_used"])]
     nodes += [
-        helper.make_node("Concat", ["cls_used" if hide_prefix else "cls", "emb"], ["tokens"], axis=1) if prefix else
+        helper.make_node("Concat", ["cls_used" if hide_prefix or isinstance(batch, str) else "cls", "emb"], ["tokens"],
+                         axis=1) if prefix else
         helper.make_node("Identity", ["emb"], ["tokens"]),
         helper.make_node("Tanh", ["tokens"], ["act"]),
         helper.make_node("Transpose", ["act"], ["actT"], perm=[0, 2, 1]),
@@ -213,8 +289,8 @@ def _patchify_model(height: int, width: int, patch: int, prefix: int, pool: str 
         helper.make_node("Reshape", ["pooled3", "flat"], ["pooled"]),
         helper.make_node("MatMul", ["pooled", "head"], ["logits"]),
     ]
-    return build_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, height, width])],
-                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], init)
+    return build_model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, height, width])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], init)
 
 
 def test_grid_from_the_aspect_ratio_and_prefix_from_the_concat():
@@ -224,6 +300,19 @@ def test_grid_from_the_aspect_ratio_and_prefix_from_the_concat():
     default = next(l for l in layers.values() if l.default)
     assert default.name == "act"  # the last token tensor that still feeds the attention
     assert factor_grids(32, (32, 64)) == [(4, 8)]
+
+
+def test_prefix_expanded_to_a_dynamic_batch_is_still_prefix():
+    """The CLS token reaches the Concat through Expand(cls, Shape(input)[0] ...): its values do
+    not depend on the image, only its count on the batch, so it still counts as prefix (it did
+    not: 33 tokens were read as 33 patches, and no grid fitted)."""
+    model = _patchify_model(32, 64, 8, prefix=1, batch="N")
+    explainer = Explainer(model, cache=False)
+    layers = {l.name: l for l in explainer.layers()}
+    assert layers["tokens"].kind == "tokens (prefix 1, grid 4x8)"
+    assert next(l for l in layers.values() if l.default).name == "act"
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 64)).astype(np.float32)
+    assert explainer.explain(x, "gradcam").heatmaps.shape == (2, 32, 64)
 
 
 def test_mean_pooled_default_is_the_last_token_tensor():

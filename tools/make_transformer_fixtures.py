@@ -17,7 +17,11 @@ zero-initialised heads and unit LayerNorms do not make maps trivial; nothing dow
 * ``swin``: torchvision ``SwinTransformer`` (swin_t's architecture: patch 4, window 4, depths
   [2, 2], width 16, 64x64 input): NHWC stages with shifted windows, mean-pooled;
 * ``vitgap``: timm ``VisionTransformer`` without class token, ``global_pool="avg"``, a
-  non-square 32x48 input (grid 4x6), mean-pooled.
+  non-square 32x48 input (grid 4x6), mean-pooled;
+* ``maxvit``: torchvision ``MaxVit`` (maxvit_t's architecture, small: 64x64 input, stem 8,
+  blocks [16, 32] of one layer each, partition 4, head dim 8): each layer an MBConv, window
+  attention and grid attention, each attention cutting the NCHW map into partitions and
+  putting it back with Reshape/Transpose; mean-pooled.
 
 Each is exported with the TorchScript exporter and the dynamo exporter (opset 18, dynamic
 batch, input ``input``, output ``logits``): ``<model>_ts.onnx``, ``<model>_dynamo.onnx``.
@@ -28,26 +32,33 @@ classes (3, 5):
 * ``gradcam``, ``gradcam++``, ``layercam`` (pytorch-grad-cam, ``ClassifierOutputTarget``) at
   the layer pytorch-grad-cam's tutorials use: ViT / DeiT the last block's first LayerNorm
   (``encoder.layers[-1].ln_1``, ``blocks[-1].norm1``) with ``reshape_transform`` dropping the
-  prefix tokens; Swin the final norm (NHWC, permuted); ViT-GAP the last block's output.
+  prefix tokens; Swin the final norm (NHWC, permuted); ViT-GAP the last block's output;
+  MaxViT the last block's last layer (``blocks[-1].layers[-1]``, NCHW after grid attention).
   The ONNX tensor holding that layer is found by value (onnxruntime runs every intermediate
-  tensor as an output; the one equal to the torch forward hook's output), per exporter, and
-  recorded as ``layer:<exporter>``; it must be onnxcam's default layer (the test checks).
+  tensor of its shape as an output; the one equal to the torch forward hook's output), per
+  exporter, and recorded as ``layer:<exporter>``; it must be onnxcam's default layer (the test
+  checks).
 * ``rollout`` (Abnar & Zuidema 2020) and ``gradient-rollout`` (Chefer, Gur & Wolf 2021) for
   ViT and DeiT: the attention probabilities from a torch forward in which every attention is an
   explicit ``softmax(QK^T/sqrt(d))`` tensor with ``retain_grad`` (its logits checked equal to
   the module's), gradients by ``torch.autograd`` of ``sum(logits * onehot(t))``; the relevance
   rows of the tokens the head reads (ViT: CLS; DeiT: CLS and distillation), the prefix dropped,
   scaled and resized by pytorch-grad-cam's ``scale_cam_image``.
+* MaxViT also: ``gradient:classes``, the gradient of ``sum_n logits[n, classes[n]]`` at the
+  reference layer by ``torch.autograd``, and ``early-gradient:classes`` at the first block's
+  output (``blocks[0]``, recorded as ``early:<exporter>``), which reaches the logits through
+  the whole last block (MBConv, window and grid attention).
 
-``--full`` instead checks the full-size torchvision ``vit_b_16``, ``swin_t`` and timm
+``--full`` instead checks the full-size torchvision ``vit_b_16``, ``swin_t``, ``maxvit_t`` and timm
 ``deit_tiny_distilled_patch16_224`` (224x224, both exporters) the same way without writing
-fixtures, prints every correlation, and times ViT-B/16 on CPU (onnxcam Grad-CAM, rollout,
+fixtures, prints every correlation (and how many maps are all zero on both sides) and MaxViT's
+gradient errors, and times ViT-B/16 on CPU (onnxcam Grad-CAM, rollout,
 gradient rollout vs the plain forward of the exported model in onnxruntime, medians).
 
 Usage::
 
     python tools/make_transformer_fixtures.py [--out tests/fixtures/transformers] [--only vit deit]
-    python tools/make_transformer_fixtures.py --full [--only vit_b_16 swin_t deit_tiny_distilled]
+    python tools/make_transformer_fixtures.py --full [--only vit_b_16 swin_t maxvit_t deit_tiny_distilled]
     python tools/make_transformer_fixtures.py --time 5      # ViT-B/16 timings only
 """
 
@@ -88,6 +99,7 @@ def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def small_models() -> dict:
     import timm
+    from torchvision.models.maxvit import MaxVit
     from torchvision.models.swin_transformer import SwinTransformer
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -109,6 +121,10 @@ def small_models() -> dict:
         "vitgap": dict(model=perturbed(timm.models.vision_transformer.VisionTransformer(
             img_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10,
             class_token=False, global_pool="avg"), 4), size=(32, 48), kind="timm_gap"),
+        "maxvit": dict(model=perturbed(MaxVit(input_size=(64, 64), stem_channels=8, partition_size=4,
+                                              block_channels=[16, 32], block_layers=[1, 1], head_dim=8,
+                                              stochastic_depth_prob=0.0, num_classes=10), 6),
+                       size=(64, 64), kind="tv_maxvit"),
     }
 
 
@@ -123,6 +139,8 @@ def full_models() -> dict:
         "deit_tiny_distilled": dict(model=perturbed(timm.create_model("deit_tiny_distilled_patch16_224",
                                                                       pretrained=False), 2),
                                     size=(224, 224), kind="timm_vit"),
+        "maxvit_t": dict(model=perturbed(torchvision.models.maxvit_t(weights=None), 6), size=(224, 224),
+                         kind="tv_maxvit"),
     }
 
 
@@ -134,11 +152,17 @@ def target_layer(model, kind: str):
         return model.blocks[-1].norm1, model.num_prefix_tokens
     if kind == "tv_swin":
         return model.norm, None
+    if kind == "tv_maxvit":
+        return model.blocks[-1].layers[-1], "NCHW"
     return model.blocks[-1], 0
 
 
-def reshape_transform(prefix: int | None, grid: tuple[int, int]):
-    """pytorch-grad-cam's ViT / Swin tutorials' transforms: tokens (prefix dropped) or NHWC -> NCHW."""
+def reshape_transform(prefix: int | str | None, grid: tuple[int, int]):
+    """pytorch-grad-cam's ViT / Swin tutorials' transforms: tokens (prefix dropped) or NHWC -> NCHW;
+    none for an NCHW layer (MaxViT)."""
+    if prefix == "NCHW":
+        return None
+
     def transform(tensor):
         if prefix is None:  # NHWC (torchvision Swin)
             return tensor.permute(0, 3, 1, 2)
@@ -168,11 +192,14 @@ def export(model, size, path: Path, dynamo: bool) -> None:
 
 
 def tensor_by_value(path: Path, x: np.ndarray, value: np.ndarray) -> str:
-    """The ONNX tensor equal to ``value`` (a torch activation), running every tensor as an output."""
-    from onnxcam.model import with_shapes
+    """The ONNX tensor equal to ``value`` (a torch activation), running the tensors of its shape
+    (batch aside) as outputs: not every tensor, whose arrays full-size models cannot all hold."""
+    from onnxcam.model import static_dims, with_shapes
     model = with_shapes(onnx.load(str(path)))
-    known = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.value_info}
-    names = [n for node in model.graph.node for n in node.output if known.get(n) == onnx.TensorProto.FLOAT]
+    known = {vi.name: vi for vi in model.graph.value_info
+             if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+             and (static_dims(vi) or ())[1:] == value.shape[1:]}
+    names = [n for node in model.graph.node for n in node.output if n in known]
     del model.graph.output[:]
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
     options = ort.SessionOptions()
@@ -203,8 +230,23 @@ def gradcam_references(model, kind: str, grid, x: torch.Tensor) -> dict[str, np.
     return out
 
 
-def activation(model, kind: str, x: torch.Tensor) -> np.ndarray:
-    layer, _ = target_layer(model, kind)
+def layer_gradient(model, layer, x: torch.Tensor) -> np.ndarray:
+    """d sum_n logits[n, CLASSES[n]] / d (the output of ``layer``), by torch.autograd."""
+    stash = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        stash["a"] = output
+
+    handle = layer.register_forward_hook(keep)
+    logits = model(x)
+    handle.remove()
+    logits[torch.arange(len(x)), torch.tensor(CLASSES)].sum().backward()
+    model.zero_grad()
+    return stash["a"].grad.numpy().astype(np.float32)
+
+
+def activation(model, layer, x: torch.Tensor) -> np.ndarray:
     stash = {}
     handle = layer.register_forward_hook(lambda m, i, o: stash.update(a=o.detach().numpy()))
     with torch.no_grad():
@@ -290,11 +332,14 @@ def rollout_references(model, kind: str, grid, x: torch.Tensor) -> dict[str, np.
 
 def grid_of(model, kind: str, size) -> tuple[int, int]:
     patch = {"tv_vit": lambda: model.patch_size, "timm_vit": lambda: model.patch_embed.patch_size[0],
-             "timm_gap": lambda: model.patch_embed.patch_size[0], "tv_swin": lambda: 32}[kind]()
+             "timm_gap": lambda: model.patch_embed.patch_size[0], "tv_swin": lambda: 32,
+             "tv_maxvit": lambda: 2 ** (len(model.blocks) + 1)}[kind]()
     return size[0] // patch, size[1] // patch
 
 
-def references(name: str, spec: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def references(name: str, spec: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The reference arrays, and the torch activations whose ONNX tensors are to be found by
+    value (``layer``: the reference layer; ``early``: MaxViT's first block output)."""
     model, kind, size = spec["model"], spec["kind"], spec["size"]
     torch.manual_seed(10)
     x = torch.randn(2, 3, *size)
@@ -302,11 +347,16 @@ def references(name: str, spec: dict) -> tuple[dict[str, np.ndarray], np.ndarray
     refs = gradcam_references(model, kind, grid, x)
     if kind in ("tv_vit", "timm_vit"):
         refs.update(rollout_references(model, kind, grid, x))
+    values = {"layer": activation(model, target_layer(model, kind)[0], x)}
+    if kind == "tv_maxvit":
+        refs["gradient:classes"] = layer_gradient(model, target_layer(model, kind)[0], x)
+        refs["early-gradient:classes"] = layer_gradient(model, model.blocks[0], x)
+        values["early"] = activation(model, model.blocks[0], x)
     refs["x"] = x.numpy()
     with torch.no_grad():
         refs["logits"] = model(x).numpy()
     refs["classes"] = np.array(CLASSES)
-    return refs, activation(model, kind, x)
+    return refs, values
 
 
 # -- comparison (for --full) -------------------------------------------------------------------
@@ -318,7 +368,9 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def compare(path: Path, refs: dict, layer: str) -> dict[str, float]:
+def compare(path: Path, refs: dict, layer: str, early: str | None = None) -> dict[str, float]:
+    """Correlations with the reference maps; for MaxViT also the gradients' largest error
+    relative to torch's largest value, at ``layer`` and at ``early`` (the first block's output)."""
     from onnxcam import Explainer
 
     explainer = Explainer(path, cache=False)
@@ -326,19 +378,31 @@ def compare(path: Path, refs: dict, layer: str) -> dict[str, float]:
     print(f"  {path.name}: default {default.name} ({default.kind}), reference layer {layer}")
     at_layer = Explainer(path, layer=layer, cache=False)
     results = {}
-    for key in sorted(k for k in refs if ":" in k):
+    classes = [int(c) for c in refs["classes"]]
+    for key in sorted(k for k in refs if k.split(":")[0] in METHODS + ("rollout", "gradient-rollout")):
         method, which = key.split(":")
-        targets = None if which == "top1" else [int(c) for c in refs["classes"]]
+        targets = None if which == "top1" else classes
         chosen = explainer if method in ("rollout", "gradient-rollout") else at_layer
         maps = chosen.explain(refs["x"], method, targets).heatmaps
-        results[key] = correlation(maps, refs[key])
+        # an all-zero map (nothing positive at the layer) agrees with an all-zero reference
+        # vacuously: say how many there are
+        zero = sum(not m.any() and not r.any() for m, r in zip(maps, refs[key]))
+        results[f"{key} correlation" + (f" ({zero} of {len(maps)} maps all zero in both)" if zero else "")] = \
+            correlation(maps, refs[key])
+    for key, name in (("gradient:classes", layer), ("early-gradient:classes", early)):
+        if key in refs and name is not None:
+            at = at_layer if name == layer else Explainer(path, layer=name, cache=False)
+            gradient = at.explain(refs["x"], "gradcam", classes).gradients[name]
+            results[f"{key} max|error|/max|torch|"] = float(
+                np.abs(gradient - refs[key]).max() / np.abs(refs[key]).max())
     return results
 
 
 def write(out: Path, name: str, refs: dict, layers: dict) -> None:
+    """``layers``: tensor names keyed ``<value>:<exporter>`` (``layer:ts``, ``early:dynamo``)."""
     arrays = {k: v for k, v in refs.items()}
-    for exporter, layer in layers.items():
-        arrays[f"layer:{exporter}"] = np.array(layer)
+    for key, layer in layers.items():
+        arrays[key] = np.array(layer)
     np.savez_compressed(out / f"{name}.npz", **arrays)
 
 
@@ -359,17 +423,23 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     provenance = {"torch": torch.__version__, "onnx": onnx.__version__, "command": " ".join(sys.argv)}
+    if args.only and (args.out / "provenance.json").is_file():
+        provenance = {**json.loads((args.out / "provenance.json").read_text()),
+                      "torch": torch.__version__, "onnx": onnx.__version__}
     for name, spec in small_models().items():
         if args.only and name not in args.only:
             continue
-        refs, value = references(name, spec)
+        refs, values = references(name, spec)
         layers = {}
         for exporter in ("ts", "dynamo"):
             path = args.out / f"{name}_{exporter}.onnx"
             export(spec["model"], spec["size"], path, exporter == "dynamo")
-            layers[exporter] = tensor_by_value(path, refs["x"], value)
+            layers.update({f"{key}:{exporter}": tensor_by_value(path, refs["x"], value)
+                           for key, value in values.items()})
         write(args.out, name, refs, layers)
         print(name, layers, {k: v.shape for k, v in refs.items() if ":" in k})
+        if args.only:  # the other models' fixtures stay as their own command made them
+            provenance.setdefault("models", {})[name] = " ".join(sys.argv)
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
 
 
@@ -379,15 +449,16 @@ def full(only, exporters=("ts", "dynamo")) -> None:
         for name, spec in full_models().items():
             if only and name not in only:
                 continue
-            refs, value = references(name, spec)
+            refs, values = references(name, spec)
             for exporter in exporters:
                 path = Path(tmp) / f"{name}_{exporter}.onnx"
                 started = time.perf_counter()
                 export(spec["model"], spec["size"], path, exporter == "dynamo")
-                layer = tensor_by_value(path, refs["x"], value)
+                layer = tensor_by_value(path, refs["x"], values["layer"])
+                early = tensor_by_value(path, refs["x"], values["early"]) if "early" in values else None
                 print(f"{name} {exporter} (export {time.perf_counter() - started:.0f} s)")
-                for key, r in compare(path, refs, layer).items():
-                    print(f"    {key:<28} correlation {r:.5f}")
+                for key, r in compare(path, refs, layer, early).items():
+                    print(f"    {key:<40} {r:.7g}")
                 if name == "vit_b_16" and exporter == "ts":
                     timings(path, spec["size"])
                 os.remove(path)
