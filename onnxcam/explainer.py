@@ -23,6 +23,7 @@ one-hot ``s`` for a class).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 import warnings
@@ -389,6 +390,11 @@ class Explainer:
         return resolve_targets(targets, batch, self._classes(), topk)
 
     @functools.cached_property
+    def _input_dims(self) -> tuple:
+        """The image input's dims (ints where fixed), read once: check_input is per call."""
+        return tuple(self.graph.dims(self.graph.input.name) or ())
+
+    @functools.cached_property
     def _static_batch(self) -> int:
         """The export's fixed batch (1 when dynamic), read once: run_model is per call."""
         return self.graph.static_batch() or 1
@@ -416,7 +422,7 @@ class Explainer:
         if len(bad):
             raise OnnxcamError(f"the input holds NaN or Inf (image {int(bad[0])}): check the preprocessing "
                                "(a zero std or scale?)")
-        dims = self.graph.dims(self.graph.input.name) or ()
+        dims = self._input_dims
         for axis, (want, got) in enumerate(zip(dims[1:], x.shape[1:]), start=1):
             if isinstance(want, int) and want != got:
                 raise OnnxcamError(f"input shape {list(x.shape)} does not match the model's "
@@ -891,7 +897,8 @@ def _check_options(spec: Method, options: Options) -> None:
             raise OnnxcamError(f"{name} must be at least 1, got {value}")
     if options.samples < 1 or options.steps < 1:
         raise OnnxcamError("samples and steps must be at least 1")
-    if not options.noise >= 0 or not np.isfinite(options.noise):
+    if not options.noise >= 0 or not math.isfinite(options.noise):
         raise OnnxcamError(f"noise must be >= 0 and finite, got {options.noise}")
-    if not np.all(np.isfinite(options.baseline)):
+    baseline = options.baseline
+    if not (math.isfinite(baseline) if isinstance(baseline, (int, float)) else np.all(np.isfinite(baseline))):
         raise OnnxcamError("the integrated-gradients baseline must be finite")

@@ -27,11 +27,14 @@ name is in :data:`METHODS`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from .errors import OnnxcamWarning
 
 ArrayFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 MapFn = ArrayFn
@@ -318,12 +321,11 @@ def warn_empty_maps(maps: np.ndarray, method: str, layers: Sequence[str],
 
     The zero map is right in each case, and the scaling keeps it zero (:func:`scale_maps`);
     the warning says why the overlay shows nothing."""
-    import warnings
-
-    from .errors import OnnxcamWarning
-
+    flat = maps.reshape(maps.shape[0], maps.shape[1], -1)
+    if flat.shape[-1] and (flat.max(axis=-1) > 0).all():
+        return  # the usual case, without the per-map Python below
     where = ", ".join(layers)
-    empty = ~(maps.reshape(maps.shape[0], maps.shape[1], -1) > 0).any(axis=-1)
+    empty = ~(flat > 0).any(axis=-1)
     for image, target in zip(*np.nonzero(empty)):
         if activations and not any(A[image].any() for A in activations.values()):
             why = f"the activation at {where} is zero"
