@@ -170,7 +170,7 @@ def explain(
     method: Annotated[str, typer.Option("-m", "--method", help=f"one of: {', '.join(METHODS)}")] = "gradcam",
     layer: Annotated[Optional[list[str]], typer.Option("-l", "--layer", help="tensor to explain (repeat for several)")] = None,
     target: Annotated[Optional[list[str]], typer.Option("-t", "--target", help="class index or label; repeat (or 3,7,9) for several")] = None,
-    topk: Annotated[Optional[int], typer.Option("--topk", min=1, help="explain each image's K best classes")] = None,
+    topk: Annotated[Optional[int], typer.Option("--topk", min=1, help="explain each image's K best classes (segmentation: the K classes winning most pixels; detection: the K best anchors)")] = None,
     seed_vector: Annotated[Optional[Path], typer.Option("--seed-vector", help=".npy of shape (C,) or (T,C): explain s . logits")] = None,
     outdir: Annotated[Path, typer.Option("-o", "--outdir", help="output folder")] = Path("onnxcam-out"),
     labels_file: Annotated[Optional[Path], typer.Option("--labels", help="labels file: one per line, a JSON list or {index: name}")] = None,

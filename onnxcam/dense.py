@@ -185,27 +185,90 @@ def resolve(dense: DenseOutput, targets, batch: int, topk: int | None = None) ->
     Accepted: None (the default target), a class (int) or a :class:`SegmentationTarget` /
     :class:`DetectionTarget` for every image, one per image (a sequence of N), several per
     image (N, T), or float seeds of the output's shape (shape, (N, *shape) or (N, T, *shape)).
-    Targets that need the output (argmax regions, defaults) are resolved once it is known."""
-    if topk is not None:
-        raise TargetError(f"topk applies to class-score outputs; output '{dense.name}' is a {dense.kind} "
-                          "output: give a target (class, region or detection) instead")
+    Targets that need the output (argmax regions, defaults) are resolved once it is known.
+
+    ``topk=T`` explains T targets per image picked from the output, as "the T best classes"
+    does for a classifier (:func:`top_targets`): segmentation, the T classes that win the most
+    pixels, each over its own pixels; detection, the T anchors with the highest class score,
+    each for its best class (or for the class a target names). ``targets`` may then give one
+    open target per image (a :class:`DetectionTarget` with ``boxes`` / ``layout`` / a class,
+    no anchor)."""
     if isinstance(targets, np.ndarray) and targets.dtype.kind == "f":
+        if topk is not None:
+            raise TargetError("give either seeds or topk, not both")
         return _raw_seeds(dense, targets, batch)
     grid, multi = _grid(targets, batch)
     items = [[_as_target(dense, t) for t in row] for row in grid]
-
-    def build(logits: np.ndarray | None) -> TargetSet:
-        seeds = np.zeros((batch, len(items[0])) + dense.shape, np.float32)
-        classes = np.zeros((batch, len(items[0])), np.int64)
-        for n, row in enumerate(items):
-            for t, item in enumerate(row):
-                output = None if logits is None else logits[n]
-                seeds[n, t], classes[n, t] = _seed(dense, item, output, n)
-        return TargetSet(seeds, classes, multi)
-
+    if topk is not None:
+        return _top(dense, items, int(topk))
     if any(_needs_output(item) for row in items for item in row):
-        return TargetSet(None, None, multi, resolver=build)
-    return build(None)
+        return TargetSet(None, None, multi, resolver=lambda outputs: _build(dense, items, multi, outputs))
+    return _build(dense, items, multi, None)
+
+
+def _build(dense: DenseOutput, items: list[list[DenseTarget]], multi: bool,
+           outputs: np.ndarray | None) -> TargetSet:
+    """Seeds (N, T, *shape) and classes (N, T) of targets, given the outputs where needed."""
+    seeds = np.zeros((len(items), len(items[0])) + dense.shape, np.float32)
+    classes = np.zeros((len(items), len(items[0])), np.int64)
+    for n, row in enumerate(items):
+        for t, item in enumerate(row):
+            seeds[n, t], classes[n, t] = _seed(dense, item, None if outputs is None else outputs[n], n)
+    return TargetSet(seeds, classes, multi)
+
+
+def _top(dense: DenseOutput, items: list[list[DenseTarget]], k: int) -> TargetSet:
+    """``topk`` targets per image from one open target each (see :func:`resolve`)."""
+    if any(len(row) != 1 for row in items):
+        raise TargetError("topk picks several targets per image: give at most one (open) target per image")
+    opened = [row[0] for row in items]
+    for item in opened:
+        if isinstance(item, SegmentationTarget) and (item.category is not None or not _is_argmax(item.region)):
+            raise TargetError("topk picks the classes that win the most pixels, each over its own pixels: "
+                              "give no class or region with it")
+        if isinstance(item, DetectionTarget) and item.anchor is not None:
+            raise TargetError("topk picks the anchors with the highest class scores: give no anchor with it")
+    limit = (dense.classes if dense.kind == "segmentation"
+             else dense.shape[detection_axes(dense, opened[0].layout)[1]])
+    if not 1 <= k <= limit:
+        what = "classes" if dense.kind == "segmentation" else "anchors"
+        raise TargetError(f"topk must be between 1 and {limit} (the {what} of output '{dense.name}'), got {k}")
+
+    def build(outputs: np.ndarray) -> TargetSet:
+        picked = [top_targets(dense, item, outputs[n], k, n) for n, item in enumerate(opened)]
+        return replace(_build(dense, picked, True, outputs), topk=k)
+    return TargetSet(None, None, True, topk=k, resolver=build)
+
+
+def top_targets(dense: DenseOutput, item: DenseTarget, output: np.ndarray, k: int,
+                image: int) -> list[DenseTarget]:
+    """The ``k`` best targets of one image's output, best first (ties: the lower index).
+
+    Segmentation: the classes by the number of pixels they win (only classes that win some;
+    fewer than ``k`` is an error naming the count). Detection: anchors by their best class
+    score (by the score of ``item.category`` when it is given), objectness not applied."""
+    if isinstance(item, SegmentationTarget):
+        winners = np.moveaxis(output, dense.class_axis, 0).argmax(axis=0)
+        counts = np.bincount(winners.reshape(-1), minlength=dense.classes)
+        order = np.argsort(-counts, kind="stable")
+        won = [int(c) for c in order if counts[c] > 0]
+        if len(won) < k:
+            raise TargetError(f"topk {k}: only {len(won)} class{'es' if len(won) != 1 else ''} win pixels of "
+                              f"image {image} (each top class is explained over the pixels it wins)")
+        return [SegmentationTarget(c, "argmax") for c in won[:k]]
+    attributes, anchors = detection_axes(dense, item.layout)
+    scores = np.moveaxis(output, (attributes, anchors), (0, 1))[item.boxes:]  # (K, A)
+    if item.category is not None and not 0 <= item.category < len(scores):
+        raise TargetError(f"class {item.category} is out of range: output '{dense.name}' has {len(scores)} "
+                          f"classes (0..{len(scores) - 1})")
+    ranked = scores[item.category] if item.category is not None else scores.max(axis=0)
+    best = np.argsort(-ranked, kind="stable")[:k]
+    return [replace(item, anchor=int(a), category=item.category if item.category is not None
+                    else int(np.argmax(scores[:, a]))) for a in best]
+
+
+def _is_argmax(region) -> bool:
+    return isinstance(region, str) and region == "argmax"
 
 
 def _grid(targets, batch: int) -> tuple[list[list], bool]:

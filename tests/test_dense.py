@@ -243,7 +243,9 @@ def test_scorecam_scores_are_the_region_score():
     (SegmentationTarget(0, (30, 30, 40, 40)), {}, "region of image 0 is empty"),
     (SegmentationTarget(0, "middle"), {}, "unknown region"),
     (DetectionTarget(1, 0), {}, "use a SegmentationTarget"),
-    (None, {"topk": 2}, "topk applies to class-score outputs"),
+    (SegmentationTarget(0), {"topk": 2}, "give no class or region with it"),
+    (None, {"topk": 4}, "topk must be between 1 and 3"),
+    (np.ones((CLASSES, H, W), np.float32), {"topk": 2}, "either seeds or topk"),
     (SegmentationTarget(0, "all"), {"aug_smooth": True}, "not for dense outputs"),
     (np.ones((CLASSES, 4, 4), np.float32), {}, "has its shape"),
 ])
@@ -462,7 +464,6 @@ def test_cli_mask_file_and_errors(tmp_path):
             ([str(cls_path), str(image), "--region", "all"], "holds class scores"),
             ([str(seg_path), str(image), "--anchor", "3"], "--anchor applies to detection heads"),
             ([str(seg_path), str(image), "--region", "nowhere.png"], "not argmax, all, a box"),
-            ([str(seg_path), str(image), "--topk", "2"], "topk applies"),
             ([str(seg_path), str(image), "--output", "out", "-t", "1"], "not a class-score vector")):
         failed = runner.invoke(app, ["explain", *args, "-o", str(tmp_path / "o2")])
         assert failed.exit_code == 2 and message in failed.output, failed.output
@@ -528,3 +529,64 @@ def test_fixture_maps_match_pytorch_grad_cam(method):
         if theirs.max() > 0:  # Score-CAM on image 0: the softmax of region sums is one-hot on
             # a channel that is zero after ReLU, so both maps are all zero (checked above)
             assert np.corrcoef(ours, theirs)[0, 1] >= 0.99, (method, n)
+
+
+# -- top-k targets of a dense output ------------------------------------------------------------
+
+def test_segmentation_topk_explains_the_classes_that_win_most_pixels():
+    """topk=2: per image the two classes with the most argmax pixels (counted here with numpy),
+    each over its own pixels: the same maps as those targets given by hand."""
+    explainer, x = seg_explainer(), images(3, seed=4)
+    winners = explainer.forward(x)["out"].argmax(axis=1)
+    expected = [np.argsort(-np.bincount(w.reshape(-1), minlength=CLASSES), kind="stable")[:2] for w in winners]
+    result = explainer.explain(x, topk=2)
+    assert result.heatmaps.shape == (3, 2, H, W)
+    assert np.array_equal(result.targets, np.array(expected))
+    by_hand = explainer.explain(x, targets=[[SegmentationTarget(int(c), "argmax") for c in row] for row in expected])
+    np.testing.assert_allclose(result.heatmaps, by_hand.heatmaps, atol=1e-6)
+
+
+def test_segmentation_topk_beyond_the_classes_that_win_is_refused():
+    explainer = seg_explainer()
+    x = np.zeros((1, 3, H, W), np.float32)  # one class wins every pixel of a blank image
+    with pytest.raises(TargetError, match="topk 2: only 1 class win pixels of image 0"):
+        explainer.explain(x, topk=2)
+
+
+@pytest.mark.parametrize("anchors_first", [False, True])
+def test_detection_topk_explains_the_best_anchors(anchors_first):
+    """Anchors ranked by their best class score (or the named class's), each explained for its
+    best class: the maps of those DetectionTargets given by hand."""
+    explainer = Explainer(detector(anchors_first)[0], provider="cpu")
+    x = images(2, (3, 16, 16), seed=7)
+    output = explainer.forward(x)["det"]
+    scores = (output.transpose(0, 2, 1) if anchors_first else output)[:, 4:]  # (N, K, A)
+    result = explainer.explain(x, topk=3)
+    for n in range(2):
+        anchors = np.argsort(-scores[n].max(axis=0), kind="stable")[:3]
+        classes = scores[n][:, anchors].argmax(axis=0)
+        assert np.array_equal(result.targets[n], classes)
+        by_hand = explainer.explain(x[n:n + 1], targets=[[DetectionTarget(int(a), int(c)) for a, c in
+                                                          zip(anchors, classes)]])
+        np.testing.assert_allclose(result.heatmaps[n], by_hand.heatmaps[0], atol=1e-6)
+    for_class = explainer.explain(x, targets=DetectionTarget(category=2), topk=2)
+    assert (for_class.targets == 2).all()
+    with pytest.raises(TargetError, match="give no anchor with it"):
+        explainer.explain(x, targets=DetectionTarget(anchor=3), topk=2)
+
+
+def test_cli_topk_on_dense_outputs(tmp_path):
+    import onnx
+    seg_path, det_path = tmp_path / "seg.onnx", tmp_path / "det.onnx"
+    onnx.save(segmenter()[0], seg_path)
+    onnx.save(detector()[0], det_path)
+    image = _write_image(tmp_path / "a.png", H, W)
+    seg = runner.invoke(app, ["explain", str(seg_path), str(image), "--topk", "2", "-o", str(tmp_path / "s")])
+    assert seg.exit_code == 0, seg.output
+    targets = json.loads((tmp_path / "s" / "results.json").read_text())[0]["targets"]
+    assert len(targets) == 2 and targets[0]["region_pixels"] >= targets[1]["region_pixels"] > 0
+    det = runner.invoke(app, ["explain", str(det_path), str(_write_image(tmp_path / "b.png", 16, 16)), "--topk", "2",
+                              "--box-values", "5", "-o", str(tmp_path / "d")])
+    assert det.exit_code == 0, det.output
+    records = json.loads((tmp_path / "d" / "results.json").read_text())[0]["targets"]
+    assert len(records) == 2 and records[0]["anchor"] != records[1]["anchor"]
