@@ -20,8 +20,8 @@ external data names the model's folder, which ONNX otherwise leaves to the calle
 model derived from it (shape-annotated, rewritten, batch made dynamic) copies only those
 references; the bytes are streamed from the file where they are needed (:func:`fingerprint`,
 :func:`save`, :func:`array`) and onnxruntime maps them from the files :func:`save` writes. A
-Grad-CAM explanation of a model with 0.72 GiB of weights so peaks at 2x them when rewriting
-and 1.3x from the cache, where holding and copying them took 5.1x and 2.3x
+Grad-CAM explanation of a model with 0.72 GiB of weights so peaks at 1.7x them when rewriting
+and 1.3x from the cache, where holding and copying them took 4.7x and 2.3x
 (``python tools/check_large_model.py --memory``). Such a model needs its files while it is
 used, as onnxruntime's own sessions do.
 
