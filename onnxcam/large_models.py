@@ -76,6 +76,12 @@ def load_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> Non
     weights are never copied into memory; everything else (a small model, the shapes and axes
     shape inference reads) is read in. The caller has checked the files (bounds, folder)."""
     folder = str(Path(folder).resolve())
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        # a basepath the file itself carries could point anywhere: only ours is followed
+        kept = [entry for entry in tensor.external_data if entry.key != BASEPATH]
+        if len(kept) != len(tensor.external_data):
+            del tensor.external_data[:]
+            tensor.external_data.extend(kept)
     if is_large(model):
         for tensor in model.graph.initializer:
             if _location(tensor) is not None and tensor_bytes(tensor) >= DETACH_MIN_BYTES:

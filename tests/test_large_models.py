@@ -271,3 +271,21 @@ def test_array_reads_a_weight_from_its_file(in_file, monkeypatch):
         assert large_models.in_file(tensor) is not None
         np.testing.assert_array_equal(large_models.array(tensor), onnx.numpy_helper.to_array(
             next(t for t in conv_classifier().graph.initializer if t.name == tensor.name)))
+
+
+def test_a_basepath_in_the_file_is_not_followed(in_file, tmp_path):
+    """The folder a weight is read from is the model's: a ``basepath`` the file names itself
+    (another folder, holding other weights under the same name) is dropped at load."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _save_with_external_data(conv_classifier(seed=1), elsewhere / "big.onnx")
+    model = onnx.load(str(in_file), load_external_data=False)
+    for tensor in model.graph.initializer:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = large_models.BASEPATH, str(elsewhere)
+    in_file.write_bytes(model.SerializeToString())
+    loaded = load_model(in_file)
+    own = {t.name: onnx.numpy_helper.to_array(t) for t in conv_classifier().graph.initializer}
+    for tensor in loaded.graph.initializer:  # w2 still in the file, the others read in
+        np.testing.assert_array_equal(large_models.array(tensor), own[tensor.name], err_msg=tensor.name)
+    assert large_models.in_file(next(t for t in loaded.graph.initializer if t.name == "w2"))[0].parent == in_file.parent
