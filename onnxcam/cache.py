@@ -190,7 +190,8 @@ def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str 
     """The rewrite from the cache when a verified entry exists (returns ``(rewritten, hit)``),
     else built by :func:`onnxcam.surgery.rewrite` and stored. See the module docstring.
     ``parse=False``: a hit is verified without parsing and comes back as metadata plus
-    ``Rewritten.path`` (the verified file, for an onnxruntime session to read)."""
+    ``Rewritten.path`` (the verified file, for an onnxruntime session to read); a large
+    model's fresh rewrite also names the entry just stored in ``path``."""
     directory = Path(directory or cache_dir())
     try:
         if not directory.is_dir():  # mkdir on an existing folder costs ~10 ms on some filesystems
@@ -222,6 +223,12 @@ def cached_rewrite(model: onnx.ModelProto, request: RewriteRequest, source: str 
                 for path in _paths(directory, key):
                     with contextlib.suppress(OSError):
                         os.unlink(path)
+            else:
+                if not parse and large_models.is_large(rewritten.model):
+                    # the session maps the weights just written rather than another copy of them
+                    # written for it (large_models.session)
+                    entry = _paths(directory, key)[1]
+                    rewritten.path, rewritten.origin = str(entry), f"cached rewrite {entry}"
     evict(directory, limit, keep={key})
     return rewritten, False
 

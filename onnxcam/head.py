@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from . import large_models
 from .errors import OnnxcamError
 from .model import ModelGraph
 
@@ -51,7 +51,7 @@ class _HeadReader:
     def constant(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant output (converted on demand), else None."""
         tensor = self.tensors.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        return None if tensor is None else large_models.array(tensor)
 
     def fail(self, node: onnx.NodeProto | None, why: str) -> OnnxcamError:
         where = f"{node.op_type} '{node.name}'" if node is not None else "the graph"

@@ -110,8 +110,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model or an empty graph (no nodes)")
     _check_external_data(model, path)
-    try:
-        onnx.load_external_data_for_model(model, str(path.parent))
+    try:  # a large model's big weights stay in their files (large_models.load_external_data)
+        large_models.load_external_data(model, path.parent)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: its external weights cannot be read ({first_line(exc)})") from None
     return checked_model(model, str(path))
@@ -638,4 +638,4 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def to_numpy(tensor: onnx.TensorProto) -> np.ndarray:
-    return onnx.numpy_helper.to_array(tensor)
+    return large_models.array(tensor)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .autodiff import RULES, Emitter, build_gradients, guided_relu, plan, upgrade
 from .autodiff.classifier import find_classifier
@@ -96,8 +97,8 @@ class Rewritten:
     extra_inputs: tuple[str, ...] = ()
     #: where the model was read from (a cache entry), for error messages; None when built
     origin: str | None = None
-    #: a verified cache entry's file when ``model`` holds only the metadata
-    #: (:func:`onnxcam.cache.cached_rewrite` with ``parse=False``)
+    #: a verified cache entry's file, for onnxruntime to read instead of ``model`` (which may
+    #: hold only the metadata; :func:`onnxcam.cache.cached_rewrite` with ``parse=False``)
     path: str | None = None
     #: with ``RewriteRequest.maps``: the heatmap output, and each layer's weights output
     heatmap: str | None = None
@@ -406,7 +407,24 @@ def _store_metadata(rewritten: Rewritten) -> None:
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(with_shapes(model, in_place=True))  # value_info only: no copy of the weights
+    graph = gs.import_onnx(with_shapes(model, in_place=True))  # value_info only: no copy of the weights
+    for tensor in graph.tensors().values():
+        # a weight left in its file (large_models.load_external_data): read from there when a
+        # rule asks for its values (BatchNormalization's scale); exported as the reference
+        if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues \
+                and large_models.in_file(tensor._values.tensor):
+            tensor._values = _FileValues(tensor._values.tensor)
+            # once read, gs keeps the array and exports it with this data_location: it must
+            # not claim to be external then (unread, the reference is exported as it came)
+            tensor.data_location = None
+    return graph
+
+
+class _FileValues(LazyValues):
+    """gs's lazily loaded values of an initializer that stays in its external-data file."""
+
+    def load(self) -> np.ndarray:
+        return large_models.array(self.tensor)
 
 
 def _data_input(graph: gs.Graph) -> gs.Variable:
@@ -463,7 +481,7 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> onnx.ModelPro
         target = initializers.get(node.input[1])
         if target is None:
             continue
-        values = onnx.numpy_helper.to_array(target)
+        values = large_models.array(target)
         if values.ndim == 1 and values.size > 1 and values[0] == 1:
             if target.name not in renamed:  # a fresh initializer: others may share this one
                 fixed = values.copy()

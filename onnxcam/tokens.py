@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from . import large_models
 from .errors import LayerError, OnnxcamError
 
 if TYPE_CHECKING:
@@ -345,7 +346,7 @@ def _downstream_of_input(graph: ModelGraph) -> set[str]:
 def _constant(graph: ModelGraph, name: str) -> np.ndarray | None:
     for tensor in graph.model.graph.initializer:
         if tensor.name == name:
-            return onnx.numpy_helper.to_array(tensor)
+            return large_models.array(tensor)
     producer = graph.producer.get(name)
     if producer is not None and producer.op_type == "Constant":
         for attribute in producer.attribute:

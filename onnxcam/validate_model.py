@@ -396,7 +396,7 @@ def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     for tensor in _all_tensors(graph):
         if tensor.data_type in _NARROW_OR_WIDE:
-            widened = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+            widened = numpy_helper.from_array(large_models.array(tensor).astype(np.float32), tensor.name)
             tensor.CopyFrom(widened)
     for sub in [graph, *(_nested_graphs(graph))]:
         for value in list(sub.input) + list(sub.output) + list(sub.value_info):

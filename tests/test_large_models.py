@@ -186,3 +186,106 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
+
+
+# -- a large model read from a file keeps its weights there ------------------------------------
+
+@pytest.fixture
+def in_file(big_path, tmp_path):
+    """conv_classifier saved with external data (read it with :func:`_read`)."""
+    path = tmp_path / "model" / "big.onnx"
+    path.parent.mkdir()
+    _save_with_external_data(conv_classifier(), path)
+    return path
+
+
+def _read(read, monkeypatch):
+    """``read()`` on the large-model path with every initializer of the file left there (the
+    Clip bounds too); the small constants the rewrite adds are detached as usual when saved
+    (onnxruntime's shape inference reads their values)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(large_models, "DETACH_MIN_BYTES", 0)
+        return read()
+
+
+def _weights_in_memory(model: onnx.ModelProto) -> list[str]:
+    """The source model's initializers that ``model`` holds in memory (none left in the file)."""
+    source = {t.name for t in conv_classifier().graph.initializer}
+    held = [t for t in model.graph.initializer if t.name in source]
+    assert held, "no initializer of the source model"
+    return [t.name for t in held if large_models.in_file(t) is None]
+
+
+def test_a_large_model_read_from_a_file_holds_no_copy_of_its_weights(in_file, monkeypatch):
+    """The loaded model, its shape-annotated copy and every rewrite of it refer to the weights
+    in the model's file instead of holding them: one copy less each (2.15 GiB model: 5x its
+    weights at the peak before, ~1.2-2x after)."""
+    explainer = _read(lambda: Explainer(in_file, cache=False), monkeypatch)
+    assert _weights_in_memory(explainer.graph.model) == []
+    for request in (RewriteRequest(("features",), "logits"),  # batch made dynamic, checked by a session
+                    RewriteRequest((), "logits", gradient=False),
+                    RewriteRequest((), "logits", gradient=False, head="features")):
+        rewritten, _ = explainer.session(request)
+        assert _weights_in_memory(rewritten.model) == [], request
+
+
+def test_explanations_from_weights_in_a_file_equal_the_plain_path(in_file, monkeypatch):
+    """Every reader of weight values works from the file: CAM reads the classifier's weights,
+    guided backprop the Clip's lower bound (through onnx-graphsurgeon), ablation-CAM cuts a
+    head; and the maps equal those of the in-memory model."""
+    x = _images(n=3)
+    methods = ("gradcam", "cam", "guided-backprop", "ablationcam", "scorecam")
+    big = {method: _read(lambda: Explainer(in_file, cache=False), monkeypatch).explain(x, method)
+           for method in methods}
+    monkeypatch.setattr(large_models, "INLINE_LIMIT", 2**31)
+    for method, explanation in big.items():
+        plain = Explainer(conv_classifier(), cache=False).explain(x, method)
+        np.testing.assert_allclose(explanation.heatmaps, plain.heatmaps, atol=1e-6, err_msg=method)
+
+
+def test_weights_in_a_file_are_hashed_and_cached_as_if_in_memory(in_file, tmp_path, monkeypatch):
+    """The fingerprint streams the file (in chunks of CHUNK bytes) to the digest of the same
+    bytes read into memory, so a model has one cache key however it is held; a cold explain's
+    session reads the entry just stored (no temporary copy of the weights written for it)."""
+    monkeypatch.setattr(large_models, "CHUNK", 100)
+    from_file = load_model(in_file)  # w2 (3456 bytes) stays in the file, as it is detached in memory
+    assert [t.name for t in from_file.graph.initializer if large_models.in_file(t)] == ["w2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(large_models, "INLINE_LIMIT", 2**31)
+        in_memory = load_model(in_file)
+    assert large_models.fingerprint(from_file).hexdigest() == large_models.fingerprint(in_memory).hexdigest()
+
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path / "cache"))
+    x = _images()
+    cold = _read(lambda: Explainer(in_file), monkeypatch)
+    first = cold.explain(x, "gradcam")
+    stored = [cold.session(request)[0].path for request in cold._sessions]
+    assert stored and all(path and path.startswith(str(tmp_path / "cache")) for path in stored), stored
+    warm = _read(lambda: Explainer(in_file), monkeypatch).explain(x, "gradcam")
+    np.testing.assert_array_equal(warm.heatmaps, first.heatmaps)
+
+
+def test_array_reads_a_weight_from_its_file(in_file, monkeypatch):
+    model = _read(lambda: load_model(in_file), monkeypatch)
+    for tensor in model.graph.initializer:
+        assert large_models.in_file(tensor) is not None
+        np.testing.assert_array_equal(large_models.array(tensor), onnx.numpy_helper.to_array(
+            next(t for t in conv_classifier().graph.initializer if t.name == tensor.name)))
+
+
+def test_a_basepath_in_the_file_is_not_followed(in_file, tmp_path):
+    """The folder a weight is read from is the model's: a ``basepath`` the file names itself
+    (another folder, holding other weights under the same name) is dropped at load."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _save_with_external_data(conv_classifier(seed=1), elsewhere / "big.onnx")
+    model = onnx.load(str(in_file), load_external_data=False)
+    for tensor in model.graph.initializer:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = large_models.BASEPATH, str(elsewhere)
+    in_file.write_bytes(model.SerializeToString())
+    loaded = load_model(in_file)
+    own = {t.name: onnx.numpy_helper.to_array(t) for t in conv_classifier().graph.initializer}
+    for tensor in loaded.graph.initializer:  # w2 still in the file, the others read in
+        np.testing.assert_array_equal(large_models.array(tensor), own[tensor.name], err_msg=tensor.name)
+    assert large_models.in_file(next(t for t in loaded.graph.initializer if t.name == "w2"))[0].parent == in_file.parent

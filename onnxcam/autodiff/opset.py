@@ -51,7 +51,7 @@ def _legacy_resizes(model: onnx.ModelProto) -> dict[str, str | None]:
     """Output name -> the nearest_mode that reproduces it (None for linear) for every
     Resize-10/Upsample node."""
     wanted = {n.input[1] for n in model.graph.node if n.op_type in ("Resize", "Upsample") and len(n.input) > 1}
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
+    constants = {t.name: large_models.array(t) for t in model.graph.initializer if t.name in wanted}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output[0] in wanted:
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)

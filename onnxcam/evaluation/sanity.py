@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .. import large_models
 from ..explainer import Explainer
 from ..model import load_model
 from .stats import spearman, ssim
@@ -52,7 +53,7 @@ def randomized(model: onnx.ModelProto, tensors: Sequence[str], seed: int = 0) ->
     for index, initializer in enumerate(copy.graph.initializer):
         if initializer.name not in wanted:
             continue
-        values = numpy_helper.to_array(initializer)
+        values = large_models.array(initializer)
         spread = float(values.std()) or 0.01
         fresh = rng.normal(0.0, spread, values.shape).astype(values.dtype)
         copy.graph.initializer[index].CopyFrom(numpy_helper.from_array(fresh, initializer.name))
