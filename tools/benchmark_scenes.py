@@ -9,8 +9,8 @@ object's class and judged against that object's box.
 
 ``--analyze`` reads a finished run instead (``OUT/report/results.json``): per method, the
 pointing misses in one- and two-shape scenes and, in two-shape scenes, where the map's peak
-falls (the explained shape, the other one, neither) and the share of its mass on the other
-shape. The maps are recomputed for the report's targets; their pointing result is checked
+falls (the explained shape, the other one, neither), the share of its mass on the other
+shape, and the mean map value (how much of ``input * map`` the confidence metric keeps). The maps are recomputed for the report's targets; their pointing result is checked
 against the report's.
 
 Usage::
@@ -80,8 +80,8 @@ def analyze(out: Path) -> None:
     print(f"{len(records)} scenes ({len(pairs)} with two shapes), pointing tolerance {tolerance:g} px")
     # a peak within the tolerance of both shapes counts for both
     print("| method | pointing hits | misses: one shape / two shapes | two shapes: peak at the explained "
-          "/ the other / neither | mass on the other shape % | MaxBoxAcc threshold |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "/ the other / neither | mass on the other shape % | mean map value | MaxBoxAcc threshold |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for method in results["methods"]:
         maps = explainer.explain(x, method, targets=targets).heatmaps
         full = [resize_map(m, p.shape[:2]) for m, p in zip(maps, pictures)]
@@ -100,7 +100,7 @@ def analyze(out: Path) -> None:
         threshold = summary.get("maxboxacc", {}).get("threshold")
         print(f"| {method} | {sum(map(int, reported))}/{len(records)} | {len([n for n in misses if n not in pairs])}"
               f" / {len([n for n in misses if n in pairs])} | {len(on_target)} / {len(on_other)} / {len(neither)} "
-              f"| {mass:.1f} | {'–' if threshold is None else f'{threshold:.2f}'} |")
+              f"| {mass:.1f} | {float(np.mean(maps)):.3f} | {'–' if threshold is None else f'{threshold:.2f}'} |")
 
 
 def main() -> None:
