@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
+from onnxcam.errors import OnnxcamError
 from onnxcam.evaluation import localization as loc
+from onnxcam.evaluation import road as road_module
 from onnxcam.evaluation.confidence import confidence_change
 from onnxcam.evaluation.curves import auc, baseline_image, perturbation_curve
 from onnxcam.evaluation.faithfulness import occlusion_correlation, occlusion_sensitivity, window_means
 from onnxcam.evaluation.pointing import energy_pointing, pointing_game, pointing_hit, region_mask
-from onnxcam.errors import OnnxcamError
-from onnxcam.evaluation import road as road_module
 from onnxcam.evaluation.road import linear_impute, road, road_keep_mask
 from onnxcam.evaluation.sanity import cascading_randomization, cut_points, randomized, weight_layers
 from onnxcam.evaluation.scoring import ScoreModel

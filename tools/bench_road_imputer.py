@@ -67,8 +67,9 @@ def main() -> None:
             keep = road_keep_mask(heatmap, percentile, most)
             times: dict[str, list[float]] = {"scipy": [], "cg": []}
             for _ in range(args.repeats):
-                for solver in times:
-                    times[solver].append(seconds(lambda: linear_impute(image, keep, noise=0.0, solver=solver)))
+                for solver, row in times.items():
+                    row.append(seconds(lambda keep=keep, solver=solver: linear_impute(image, keep, noise=0.0,
+                                                                                      solver=solver)))
             exact = linear_impute(image, keep, noise=0.0, solver="scipy")
             default = np.abs(linear_impute(image, keep, noise=0.0, solver="cg") - exact).max()
             tight = np.abs(linear_impute(image, keep, noise=0.0, solver="cg", tolerance=1e-10) - exact).max()
