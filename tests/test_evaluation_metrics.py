@@ -3,11 +3,16 @@ with other tools are in test_evaluation_reference.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
+from onnxcam.errors import OnnxcamError
 from onnxcam.evaluation import localization as loc
+from onnxcam.evaluation import road as road_module
 from onnxcam.evaluation.confidence import confidence_change
 from onnxcam.evaluation.curves import auc, baseline_image, perturbation_curve
 from onnxcam.evaluation.faithfulness import occlusion_correlation, occlusion_sensitivity, window_means
@@ -17,6 +22,7 @@ from onnxcam.evaluation.sanity import cascading_randomization, cut_points, rando
 from onnxcam.evaluation.scoring import ScoreModel
 from onnxcam.evaluation.stats import bootstrap_ci, rankdata, spearman, ssim
 from onnxcam.explainer import Explainer
+from onnxcam.images import load_image
 from tests.tiny_models import build_model, conv_classifier
 
 SIZE = 16
@@ -221,6 +227,36 @@ def test_linear_imputation_reproduces_a_plane_and_keeps_kept_pixels():
     noisy = linear_impute(plane, keep, noise=0.01, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(noisy[:, keep], plane[:, keep])
     assert 0.005 < np.std(noisy[:, ~keep] - plane[:, ~keep]) < 0.02
+
+
+def test_sparse_lu_and_conjugate_gradients_impute_a_real_image_alike():
+    """scipy's exact solve (the fast path) and the numpy CG path (scipy absent) solve the same
+    system: CG run to 1e-10 agrees with it to 1e-5, noise included (same generator draws)."""
+    pytest.importorskip("scipy.sparse.linalg", reason="scipy is optional: without it there is no sparse LU path")
+    picture = load_image(Path(__file__).resolve().parents[1] / "models/demo/samples/circle_square.png")
+    image = picture.transpose(2, 0, 1).astype(np.float32) / 255.0
+    heatmap = cv2.GaussianBlur(np.random.default_rng(7).random(picture.shape[:2]), (0, 0), 8)
+    for percentile, most in ((10, True), (50, False), (90, True)):
+        keep = road_keep_mask(heatmap, percentile, most)
+        exact = linear_impute(image, keep, rng=np.random.default_rng(1), solver="scipy")
+        iterative = linear_impute(image, keep, rng=np.random.default_rng(1), solver="cg", tolerance=1e-10)
+        np.testing.assert_allclose(exact, iterative, atol=1e-5)
+        np.testing.assert_array_equal(exact[:, keep], image[:, keep])
+    nothing_kept = np.zeros(picture.shape[:2], bool)  # no data: 0 from both, not a singular-matrix error
+    for solver in ("scipy", "cg"):
+        np.testing.assert_array_equal(linear_impute(image, nothing_kept, noise=0.0, solver=solver), 0.0)
+
+
+def test_imputation_solver_errors_and_the_numpy_fallback(monkeypatch):
+    image = np.ones((3, 20, 20), np.float32)
+    keep = np.ones((20, 20), bool)
+    keep[5:15, 5:15] = False
+    with pytest.raises(OnnxcamError, match="unknown ROAD imputation solver 'lu'"):
+        linear_impute(image, keep, solver="lu")
+    monkeypatch.setattr(road_module, "scipy_available", lambda: False)
+    with pytest.raises(OnnxcamError, match="needs scipy"):
+        linear_impute(image, keep, solver="scipy")
+    np.testing.assert_allclose(linear_impute(image, keep, noise=0.0), 1.0, atol=1e-4)  # auto: CG
 
 
 def test_road_on_the_linear_model(whole_image_model):
