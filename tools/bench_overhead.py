@@ -6,6 +6,14 @@ same provider, same inputs. Prints medians and the ratio, then Score-CAM's time 
 and, on CUDA, how many nodes onnxruntime placed on the CPU. Usage:
 
     python tools/bench_overhead.py [MODEL] [--device cpu|cuda|auto] [--batch 1 8] [--repeats 20]
+    python tools/bench_overhead.py [MODEL] --nodes [--repeats 50]
+
+``--nodes`` says where a batch-1 Grad-CAM's extra time goes, on one thread and independent of
+load from elsewhere: onnxruntime's profiler sums the kernel time of the model's own nodes and
+of the nodes onnxcam added (backward and map, named ``onnxcam/...``), with the costliest added
+ops; then, interleaved, the CPU time of the calling thread (where a one-thread onnxruntime
+runs) for the plain forward, the rewritten model's run alone and ``Explainer.explain``
+(run + Python per call), 25th percentiles.
 """
 
 from __future__ import annotations
@@ -46,7 +54,10 @@ def main() -> None:
     parser.add_argument("--device", "--provider", dest="device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
     parser.add_argument("--scorecam-repeats", type=int, default=3, help="0 skips Score-CAM")
+    parser.add_argument("--nodes", action="store_true", help="where the extra time goes (one thread, CPU)")
     args = parser.parse_args()
+    if args.nodes:
+        return added_nodes(args.model, args.repeats)
 
     explainer = Explainer(args.model, provider=args.device, threads=args.threads)
     rewritten, session = explainer.prepared()
@@ -82,6 +93,92 @@ def main() -> None:
     print(f"provider: {session.provider}")
     print("cpu-placed nodes: " + (placement.describe() if placement else "not counted (CPU session)"))
     print(f"gradcam/forward ratio: {ratios.get('ratio', '-')}")
+
+
+def kernel_times(path: str, feeds: dict, outputs: list[str] | None, repeats: int) -> dict[str, tuple[str, float]]:
+    """Mean kernel time (us) per node over ``repeats`` one-thread runs: {node: (op, us)}."""
+    import json
+    import tempfile
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as folder:
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        for _ in range(repeats):
+            session.run(outputs, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    times: dict[str, tuple[str, float]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            node = event["name"][:-len("_kernel_time")]
+            op, total = times.get(node, (event["args"].get("op_name", "?"), 0.0))
+            times[node] = (op, total + event["dur"] / repeats)
+    return times
+
+
+def added_nodes(model: str, repeats: int) -> None:
+    from onnxcam.surgery import SEED
+
+    explainer = Explainer(model, provider="cpu", threads=1)
+    height, width = explainer.input_size
+    shape = (1, 3, height, width) if explainer.input_layout == "NCHW" else (1, height, width, 3)
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    explainer.explain(x)
+    request = explainer._map_requests["gradcam"]
+    rewritten, session = explainer._maps_session(request)
+    names = [rewritten.logits, *rewritten.layers, *rewritten.gradients.values(), *rewritten.weights.values(),
+             rewritten.heatmap]
+    feeds = {rewritten.input: x, SEED: np.zeros((1, explainer._classes()), np.float32)}
+    with tempfile_model(rewritten) as path:
+        times = kernel_times(path, feeds, names, repeats)
+    added = {n: t for n, t in times.items() if n.startswith("onnxcam")}
+    own = sum(us for n, (_, us) in times.items() if n not in added)
+    extra = sum(us for _, us in added.values())
+    print(f"{Path(model).name}, one thread: model's own nodes {own:.0f} us, onnxcam's {len(added)} added nodes "
+          f"{extra:.0f} us ({extra / own:.1%})")
+    by_op: dict[str, float] = {}
+    for op, us in added.values():
+        by_op[op] = by_op.get(op, 0.0) + us
+    print("  added, by op: " + ", ".join(f"{op} {us:.0f}" for op, us in sorted(by_op.items(), key=lambda t: -t[1])[:10]))
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    plain = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    image = plain.get_inputs()[0].name
+    calls = {"forward": lambda: plain.run(None, {image: x}),
+             "rewritten run": lambda: session.session.run(names, feeds),
+             "explain": lambda: explainer.explain(x)}
+    spent: dict[str, list[int]] = {k: [] for k in calls}
+    for _ in range(max(repeats, 100)):
+        for key, call in calls.items():
+            started = time.thread_time_ns()
+            call()
+            spent[key].append(time.thread_time_ns() - started)
+    p25 = {k: float(np.percentile(v, 25)) / 1e3 for k, v in spent.items()}
+    print("  calling thread's CPU time, p25: " + ", ".join(
+        f"{k} {us:.0f} us ({us / p25['forward']:.3f}x)" for k, us in p25.items()))
+
+
+def tempfile_model(rewritten):
+    """The rewrite's model as a file (its cache entry when it has one)."""
+    import contextlib
+    import tempfile
+
+    import onnx
+
+    if rewritten.path is not None:
+        return contextlib.nullcontext(str(rewritten.path))
+
+    @contextlib.contextmanager
+    def written():
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "rewritten.onnx"
+            onnx.save(rewritten.model, str(path))
+            yield str(path)
+    return written()
 
 
 if __name__ == "__main__":
