@@ -187,7 +187,10 @@ class Explainer:
         if isinstance(model, onnx.ModelProto):
             self.source, proto = "<model>", checked_model(model, "<model>")
         else:
-            self.source, proto = str(model), load_model(model)
+            # with the cache, weights stay in the model's file: sessions read the cache's
+            # entries, so the weights are never held here (without it, every session would be
+            # built from a temporary copy of them: large_models.session)
+            self.source, proto = str(model), load_model(model, weights_in_file=cache)
         proto = pin_input_size(proto, input_size, self.source)
         self.graph = ModelGraph(proto, self.source, tokens.parse_grid(grid, prefix))
         self._proto = self.graph.model  # the annotated copy: the model's weights held once

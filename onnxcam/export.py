@@ -162,10 +162,16 @@ def export_explained(model: str | os.PathLike | onnx.ModelProto, method: str = "
 
 
 def _rewrite(explainer: Explainer, request: RewriteRequest) -> Rewritten:
-    """The explainer's rewrite for ``request`` (from the cache unless it was turned off)."""
+    """The explainer's rewrite for ``request`` (from the cache unless it was turned off), its
+    weights read in where the Explainer left them in the source's file and they fit in one
+    message: onnx-graphsurgeon reads them (a head's weights shared with the backbone's) and
+    the export must stand alone."""
     if explainer.cache:
-        return cached_rewrite(explainer.graph.model, request, explainer.source, threads=explainer.threads)[0]
-    return rewrite(explainer.graph.model, request, explainer.source, threads=explainer.threads)
+        rewritten = cached_rewrite(explainer.graph.model, request, explainer.source, threads=explainer.threads)[0]
+    else:
+        rewritten = rewrite(explainer.graph.model, request, explainer.source, threads=explainer.threads)
+    rewritten.model = large_models.self_contained(rewritten.model)
+    return rewritten
 
 
 def _frontier(explainer: Explainer, layer: Layer) -> tuple[str, ...]:

@@ -25,13 +25,21 @@ and 1.3x from the cache, where holding and copying them took 4.7x and 2.3x
 (``python tools/check_large_model.py --memory``). Such a model needs its files while it is
 used, as onnxruntime's own sessions do.
 
-Small models take the plain path everywhere. :data:`INLINE_LIMIT` decides (tests lower it to
-run the big-model path on a small model).
+Small models take the plain path everywhere, but for one thing: an Explainer with the rewrite
+cache reads a small model's file with :func:`parse_leaving_weights`, which leaves its big
+inline weights in the ``.onnx`` file itself (external data whose ``location`` is the model
+file, at the offsets of the protobuf's ``raw_data`` bytes). The model then takes the path
+above (its rewrites are cached with their weights beside them, and onnxruntime maps them):
+the Explainer holds no second copy of the weights while onnxruntime builds its session.
+:func:`self_contained` reads them back into a model handed on (an export).
+:data:`INLINE_LIMIT` decides the rest (tests lower it to run the big-model path on a small
+model).
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -90,6 +98,123 @@ def load_external_data(model: onnx.ModelProto, folder: str | os.PathLike) -> Non
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if onnx.external_data_helper.uses_external_data(tensor) and in_file(tensor) is None:
             onnx.external_data_helper.load_external_data_for_tensor(tensor, folder)
+
+
+def parse_leaving_weights(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[int, tuple[int, int]]] | None:
+    """The model in ``path`` (a plain, inline ONNX file) parsed without its big weights: each
+    initializer's ``raw_data`` of at least :data:`DETACH_MIN_BYTES` is left out, and where its
+    bytes lie in the file is returned as (offset, length) by initializer index, for
+    :func:`leave_in_file`. The file is mapped and only the fields around the weights are
+    read, so the weights are never copied into memory, not even while parsing. None when the
+    file is not laid out as expected (empty, protobuf groups, not protobuf): the caller parses
+    it whole and reports what is wrong."""
+    try:
+        with open(path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            skeleton, spans = _without_weights(view)
+        model = onnx.ModelProto.FromString(skeleton)
+    except Exception:  # noqa: BLE001 - not what we expected: the caller's full parse names it
+        return None
+    if len(model.graph.initializer) < len(spans) or any(
+            model.graph.initializer[index].data_location == TensorProto.EXTERNAL for index in spans):
+        return None  # raw and external data at once: left to the full parse to judge
+    return model, spans
+
+
+def leave_in_file(model: onnx.ModelProto, spans: dict[int, tuple[int, int]], path: str | os.PathLike) -> None:
+    """Point each initializer of :func:`parse_leaving_weights`'s ``spans`` at its bytes in
+    ``path`` (in place; ONNX external data: ``location`` the file itself, the offset of the
+    bytes inside the protobuf, :data:`BASEPATH` its folder), as :func:`load_external_data`
+    leaves a large model's weights: every reader of weights (:func:`array`, :func:`save`,
+    :func:`fingerprint`) streams them from there."""
+    path = Path(path).resolve()
+    for index, (offset, length) in spans.items():
+        tensor = model.graph.initializer[index]
+        _mark_external(tensor, path.name, offset, length)
+        entry = tensor.external_data.add()
+        entry.key, entry.value = BASEPATH, str(path.parent)
+
+
+#: Protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
+
+
+def _without_weights(view: mmap.mmap) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """The ModelProto bytes in ``view`` minus every big initializer's raw_data field, and
+    (offset, length) of each one's bytes in ``view`` by initializer index (in the order the
+    parsed graph holds them: protobuf merges repeated ``graph`` fields in file order)."""
+    spans: dict[int, tuple[int, int]] = {}
+    count = 0
+    out = bytearray()
+    for field, start, body, end in _fields(view, 0, len(view)):
+        if field != (_GRAPH, 2):
+            out += view[start:end]
+            continue
+        graph = bytearray()
+        for inner, istart, ibody, iend in _fields(view, body, end):
+            if inner != (_INITIALIZER, 2):
+                graph += view[istart:iend]
+                continue
+            tensor, weight = bytearray(), None
+            for leaf, lstart, lbody, lend in _fields(view, ibody, iend):
+                if leaf == (_RAW_DATA, 2):
+                    weight = (lbody, lend - lbody)  # protobuf: the last occurrence wins
+                else:
+                    tensor += view[lstart:lend]
+            if weight is None or weight[1] < DETACH_MIN_BYTES:
+                graph += view[istart:iend]
+            else:
+                spans[count] = weight
+                graph += _tag(_INITIALIZER) + _varint(len(tensor)) + tensor
+            count += 1
+        out += _tag(_GRAPH) + _varint(len(graph)) + graph
+    return bytes(out), spans
+
+
+def _fields(view: mmap.mmap, position: int, end: int) -> Iterator[tuple[tuple[int, int], int, int, int]]:
+    """The fields of the message in ``view[position:end]``: ((number, wire type), start of
+    the field, start of its value, end), without reading any length-delimited value."""
+    while position < end:
+        start = position
+        key, position = _read_varint(view, position)
+        kind, body = key & 7, position
+        if kind == 0:
+            _, position = _read_varint(view, position)
+        elif kind == 2:
+            length, body = _read_varint(view, position)
+            position = body + length
+        elif kind in (1, 5):
+            body, position = position, position + (8 if kind == 1 else 4)
+        else:
+            raise ValueError(f"protobuf wire type {kind} (groups) at byte {start}")
+        if position > end:
+            raise ValueError(f"a field at byte {start} runs past its message")
+        yield (key >> 3, kind), start, body, position
+
+
+def _read_varint(view: mmap.mmap, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = view[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+        if shift > 63:
+            raise ValueError(f"a varint longer than 10 bytes at byte {position}")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(field: int) -> bytes:
+    return _varint(field << 3 | 2)
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -213,16 +338,33 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, mode: int | None = Non
     atomic_write_bytes(path, skeleton.SerializeToString(), mode)
 
 
+def self_contained(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as a message that stands alone when its weights fit in one (those still in
+    their files read in, into a copy: a model handed to the caller, an export, must not
+    depend on its source's file); a large one as it is."""
+    if not is_large(model) or sum(tensor_bytes(t) for t in model.graph.initializer) > INLINE_LIMIT:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if in_file(tensor) is not None:
+            tensor.CopyFrom(_read_in(tensor))
+    return copy
+
+
 def array(tensor: TensorProto) -> np.ndarray:
     """``numpy_helper.to_array`` for any initializer, one still in its file included (read
     from there: a copy in memory, for the few readers of a weight's values, CAM's head)."""
+    return numpy_helper.to_array(_read_in(tensor) if in_file(tensor) is not None else tensor)
+
+
+def _read_in(tensor: TensorProto) -> TensorProto:
+    """A copy of an initializer still in its file, with its data read in."""
     where = in_file(tensor)
-    if where is None:
-        return numpy_helper.to_array(tensor)
     loaded = TensorProto()
     loaded.CopyFrom(tensor)
     onnx.external_data_helper.load_external_data_for_tensor(loaded, str(where[0].parent))
-    return numpy_helper.to_array(loaded)
+    return loaded
 
 
 def _chunks(tensor: TensorProto) -> Iterator[bytes]:

@@ -94,15 +94,23 @@ class Layer:
         return tokens.TokenGrid(self.prefix, self.shape[1], self.shape[2]) if self.layout == tokens.TOKENS else None
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX model (external data files beside it are resolved), with clear errors."""
+def load_model(path: str | os.PathLike, weights_in_file: bool = False) -> onnx.ModelProto:
+    """Read an ONNX model (external data files beside it are resolved), with clear errors.
+
+    ``weights_in_file``: big inline weights are not read but left in the model file itself
+    (:func:`onnxcam.large_models.parse_leaving_weights`), as a large model's are left in its
+    external-data file: the Explainer holds no copy of them while onnxruntime builds its
+    sessions from the rewrite cache. The model then needs its file while it is used."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
     if path.is_dir():
         raise ModelError(f"{path}: is a folder, expected an .onnx file")
+    found = large_models.parse_leaving_weights(path) if weights_in_file else None
+    model, spans = found or (None, {})
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if model is None:
+            model = onnx.load(str(path), load_external_data=False)
     except DecodeError:
         raise ModelError(f"{path}: not an ONNX model (the file does not parse as ONNX protobuf)") from None
     except (OSError, ValueError, RuntimeError) as exc:
@@ -114,6 +122,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         large_models.load_external_data(model, path.parent)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: its external weights cannot be read ({first_line(exc)})") from None
+    large_models.leave_in_file(model, spans, path)  # after: load_external_data drops basepaths it did not set
     return checked_model(model, str(path))
 
 
