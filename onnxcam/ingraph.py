@@ -135,9 +135,9 @@ def scale(b: Emitter, maps: gs.Tensor, in_range: bool = False) -> gs.Tensor:
     ``in_range``: the maps are already finite and >= 0 (a scaled, resized, clipped map or a
     mean of such), where the first three steps change nothing: they are left out (four
     passes over full-size maps)."""
-    if not in_range:
+    if not in_range:  # nan_to_num, then ReLU and +inf -> float max as one Clip
         finite = b.where(b.op("IsNaN", maps), 0.0, maps)
-        maps = b.op("Min", b.op("Relu", finite), _FLOAT32_MAX)
+        maps = b.op("Clip", finite, b.const(np.float32(0)), b.const(np.float32(_FLOAT32_MAX)))
     shifted = b.sub(maps, b.reduce("ReduceMin", maps, [1, 2]))
     return b.div(shifted, b.add(b.reduce("ReduceMax", shifted, [1, 2]), SCALE_EPS))
 
@@ -151,7 +151,7 @@ Sizes = tuple[tuple[int, int] | None, tuple[int | None, int | None]]
 
 
 def resize(b: Emitter, maps: gs.Tensor, hw: gs.Tensor, sizes: Sizes | None = None) -> gs.Tensor:
-    """(N, h, w) -> (N, H, W) as ``cv2.resize(m, (W, H), INTER_LINEAR)`` per map (see the
+    r"""(N, h, w) -> (N, H, W) as ``cv2.resize(m, (W, H), INTER_LINEAR)`` per map (see the
     module docstring); sizes rather than scales, so H, W are exact.
 
     An upsampling between fixed ``sizes`` is two MatMuls with :func:`upsampling_matrix`

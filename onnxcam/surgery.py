@@ -388,9 +388,8 @@ def _default_to_top1(b: Emitter, seed: gs.Tensor, logits: gs.Tensor) -> gs.Tenso
     positions = (b.const(np.arange(classes, dtype=np.int64)) if classes is not None else
                  b.op("Range", b.const(np.int64(0)), b.squeeze(b.shape(logits, start=-1), [0]),
                       b.const(np.int64(1))))
-    one_hot = b.as_float(b.equal(positions, top))
-    empty = b.as_float(b.equal(b.reduce_sum(b.abs(seed), [-1], keepdims=True), 0.0))
-    return b.add(seed, b.mul(empty, one_hot))
+    empty = b.equal(b.reduce("ReduceL1", seed, [-1], keepdims=True), 0.0)
+    return b.where(b.and_(empty, b.equal(positions, top)), 1.0, seed)
 
 
 def _store_metadata(rewritten: Rewritten) -> None:

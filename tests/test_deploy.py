@@ -155,13 +155,15 @@ def test_check_runs_the_file_writes_overlays_and_agrees_with_the_explainer(tmp_p
 
 def test_check_fails_a_file_whose_heatmap_was_tampered_with(tmp_path):
     model = export_explained(str(DEMO))
-    # the file's heatmap now explains with the gradient's sign flipped: a wrong map, same classes
+    # the file's map is now transposed (the weighted channel sum writes (w, h)): a wrong map of
+    # the same (square) shape, same classes
     for node in model.graph.node:
-        if node.op_type == "Relu" and node.name.startswith("onnxcam_export"):
-            node.op_type = "Abs"
+        if node.op_type == "Einsum" and node.name.startswith("onnxcam_export"):
+            equation = next(a for a in node.attribute if a.name == "equation")
+            equation.s = equation.s.replace(b"->nhw", b"->nwh")
             break
     else:
-        pytest.fail("no ReLU in the exported map to tamper with")
+        pytest.fail("no channel sum in the exported map to tamper with")
     path = tmp_path / "tampered.onnx"
     save_explained(model, path)
     image = ROOT / "models" / "demo" / "samples" / "cross_circle.png"
