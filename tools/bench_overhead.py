@@ -13,7 +13,7 @@ load from elsewhere: onnxruntime's profiler sums the kernel time of the model's 
 of the nodes onnxcam added (backward and map, named ``onnxcam/...``), with the costliest added
 ops; then, interleaved, the CPU time of the calling thread (where a one-thread onnxruntime
 runs) for the plain forward, the rewritten model's run alone and ``Explainer.explain``
-(run + Python per call), 25th percentiles.
+(run + Python per call), 25th percentiles, each call right after a plain forward.
 """
 
 from __future__ import annotations
