@@ -36,7 +36,7 @@ import onnx
 from . import dense as dense_outputs, perturbation, pixel
 from .errors import LayerError, ModelError, OnnxcamError, OnnxcamWarning, TargetError, UnsupportedOpError
 from .head import linear_head
-from .ingraph import MASK_SOURCE, MapRequest, MaskRequest, in_graph
+from .ingraph import INPUT_SUM_OUTPUT, MAP_PEAK_OUTPUT, MASK_SOURCE, MapRequest, MaskRequest, in_graph
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
 from .methods import METHODS, Method, combine_layers, scale_maps, warn_empty_maps
 from .model import Layer, ModelGraph, load_model, pin_input_size
@@ -411,7 +411,9 @@ class Explainer:
         self._class_count = classes
         return classes
 
-    def check_input(self, x: np.ndarray) -> np.ndarray:
+    def check_input(self, x: np.ndarray, finite: bool = True) -> np.ndarray:
+        """``x`` as a contiguous float32 batch, or a clear error: dims, an empty batch, the dtype,
+        the model's fixed sizes, and (``finite``) NaN or Inf values (:meth:`check_finite`)."""
         x = np.asarray(x)
         if x.ndim == 3:
             x = x[None]
@@ -421,16 +423,21 @@ class Explainer:
             raise OnnxcamError("an empty batch: give at least one image")
         if x.dtype.kind not in "fiu":
             raise OnnxcamError(f"the input must be numbers (float32), got {x.dtype}")
-        bad = np.flatnonzero(~finite_rows(x))
-        if len(bad):
-            raise OnnxcamError(f"the input holds NaN or Inf (image {int(bad[0])}): check the preprocessing "
-                               "(a zero std or scale?)")
+        if finite:
+            self.check_finite(x)
         dims = self._input_dims
         for axis, (want, got) in enumerate(zip(dims[1:], x.shape[1:]), start=1):
             if isinstance(want, int) and want != got:
                 raise OnnxcamError(f"input shape {list(x.shape)} does not match the model's "
                                    f"{list(dims)} (axis {axis}: {got} != {want})")
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    @staticmethod
+    def check_finite(x: np.ndarray) -> None:
+        bad = np.flatnonzero(~finite_rows(x))
+        if len(bad):
+            raise OnnxcamError(f"the input holds NaN or Inf (image {int(bad[0])}): check the preprocessing "
+                               "(a zero std or scale?)")
 
     def to_nchw(self, layer: Layer, array: np.ndarray) -> np.ndarray:
         """A layer tensor (batch first, maybe more leading axes) in NCHW."""
@@ -477,10 +484,12 @@ class Explainer:
         (integrated-gradients); see :class:`Options`.
         """
         spec = self.method(method)
-        x = self.check_input(x)
+        x = self.check_input(x, finite=False)
         options = Options(eigen_smooth, batch_size, max_channels, samples, noise, steps, baseline, seed)
         _check_options(spec, options)
         wanted = self.resolve_targets(targets, len(x), topk)
+        if aug_smooth or not self._run_checks_input(spec, wanted, options):
+            self.check_finite(x)
         if aug_smooth and self.dense is not None:
             raise OnnxcamError(f"aug_smooth flips the image but not a {self.dense.kind} target: not for dense outputs")
         result = self._augmented(x, spec, wanted, options) if aug_smooth else self._explain(x, spec, wanted, options)
@@ -510,7 +519,7 @@ class Explainer:
         count = wanted.seeds.shape[1]
         heatmaps = parts.maps.reshape((len(x), count) + parts.maps.shape[1:])
         warn_empty_maps(heatmaps, spec.name, ("the input",) if spec.kind == "pixel" else self._layer_names,
-                        parts.activations if spec.kind != "pixel" else None, parts.gradients)
+                        parts.activations if spec.kind != "pixel" else None, parts.gradients, peaks=parts.peaks)
         squeeze = (lambda a: a) if wanted.multi else (lambda a: a[:, 0])
         return Explanation(
             squeeze(heatmaps), parts.logits, squeeze(wanted.classes), parts.layers or self._layer_names, spec.name,
@@ -607,25 +616,44 @@ class Explainer:
             return None
         if wanted.seeds is not None and wanted.seeds.shape[1] > 1:
             return self._in_graph_head_parts(spec, wanted, forward)
-        request = self._map_requests.get(spec.name)
-        if request is None:  # built once per method: hashing it is per call
-            maps = MapRequest(spec.name, self.input_layout, tuple(l.layout for l in self.targets_layers))
-            request = self._map_requests[spec.name] = RewriteRequest(self._layer_names, self.logits_name, maps=maps)
-        found = self._maps_session(request)
+        found = self._maps_session(self._map_request(spec))
         if found is None:
             return None
         rewritten, session = found
         seeds = np.zeros((len(x), self._classes()), np.float32) if wanted.seeds is None else wanted.seeds[:, 0]
         names = [rewritten.logits, *rewritten.layers, *rewritten.gradients.values(),
-                 *rewritten.weights.values(), rewritten.heatmap]
+                 *rewritten.weights.values(), rewritten.heatmap, MAP_PEAK_OUTPUT, INPUT_SUM_OUTPUT]
         outputs = self.run_model(rewritten, session, {rewritten.input: x, SEED: seeds}, names)
+        sums = outputs.get(INPUT_SUM_OUTPUT)
+        if sums is not None and not np.isfinite(sums).all():
+            self.check_finite(x)  # names the image (a sum that overflowed passes)
         logits = outputs[rewritten.logits]
         layers = self.targets_layers
         return _Parts(wanted.resolve(logits), logits, session.provider,
                       {l.name: self.to_nchw(l, outputs[l.name]) for l in layers},
                       {l.name: self.to_nchw(l, outputs[rewritten.gradients[l.name]])[:, None] for l in layers},
                       {name: outputs[output][:, None] for name, output in rewritten.weights.items()},
-                      outputs[rewritten.heatmap])
+                      outputs[rewritten.heatmap], peaks=outputs.get(MAP_PEAK_OUTPUT))
+
+    def _map_request(self, spec: Method) -> RewriteRequest:
+        """The rewrite with ``spec``'s maps in the graph, built once per method (hashing it is
+        per call)."""
+        request = self._map_requests.get(spec.name)
+        if request is None:
+            maps = MapRequest(spec.name, self.input_layout, tuple(l.layout for l in self.targets_layers))
+            request = self._map_requests[spec.name] = RewriteRequest(self._layer_names, self.logits_name, maps=maps)
+        return request
+
+    def _run_checks_input(self, spec: Method, wanted: TargetSet, options: Options) -> bool:
+        """Whether this call is the one run of an in-graph maps session already built, which
+        checks the input's finiteness itself (its sum): the Python pass over the input, which
+        onnxruntime's run has just pushed out of the caches, is then left out."""
+        if not (self.in_graph_maps and in_graph(spec) and not options.eigen_smooth):
+            return False
+        if wanted.seeds is not None and wanted.seeds.shape[1] > 1:
+            return False
+        found = self._sessions.get(self._map_request(spec))
+        return found is not None and INPUT_SUM_OUTPUT in found[1].output_names
 
     def _in_graph_head_parts(self, spec: Method, wanted: TargetSet, forward: _Lazy) -> _Parts | None:
         """Several targets, one layer: the forward model once, then the head cut at the layer
@@ -878,6 +906,8 @@ class _Parts:
     maps: np.ndarray | None = None
     #: what the maps were read from, when not the explainer's layers (attention methods)
     layers: tuple[str, ...] = ()
+    #: each map's peak (N*T,) where the graph computed it (warn_empty_maps reads it)
+    peaks: np.ndarray | None = None
 
 
 def _merge(array: np.ndarray) -> np.ndarray:

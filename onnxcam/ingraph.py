@@ -46,6 +46,10 @@ H_AXIS = {"NCHW": 2, "NHWC": 1}
 #: Output names of a rewrite with maps.
 HEATMAP_OUTPUT = "onnxcam_heatmap"
 WEIGHTS_PREFIX = "onnxcam_weights/"
+#: Per image: the heatmap's peak (0 for an all-zero map) and the sum of the image input
+#: (finite exactly when every value is, barring an overflow): checks made where the data is.
+MAP_PEAK_OUTPUT = "onnxcam_map_peak"
+INPUT_SUM_OUTPUT = "onnxcam_input_sum"
 
 
 def _formulas_fingerprint() -> str:

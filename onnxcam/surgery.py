@@ -44,7 +44,8 @@ from .autodiff.rules import VJP, Rule
 from . import large_models
 from .attention import fused_hint
 from .errors import LayerError, ModelError, UnsupportedOpError
-from .ingraph import HEATMAP_OUTPUT, MASK_SOURCE, WEIGHTS_PREFIX, MapRequest, MaskRequest, emit_maps, feed_masked
+from .ingraph import (HEATMAP_OUTPUT, INPUT_SUM_OUTPUT, MAP_PEAK_OUTPUT, MASK_SOURCE, WEIGHTS_PREFIX, MapRequest,
+                      MaskRequest, emit_maps, feed_masked)
 from .model import ModelGraph, first_line, opset_of, with_shapes
 from .validate_model import quantized_ops_hint
 
@@ -371,6 +372,17 @@ def _emit_maps(b: Emitter, request: RewriteRequest, tensors, grads, image: gs.Te
     heatmap = b.op("Identity", heatmap)
     heatmap.name, heatmap.dtype = HEATMAP_OUTPUT, np.float32
     outputs.append(heatmap)
+    # the Explainer's per-call checks, made in the graph: an all-zero map (peak 0), and a
+    # non-finite image (its sum), first in the graph so the input is read while it is in the
+    # caches for the first layer anyway, not in a second pass from Python (~0.2 ms at 224x224)
+    peak = b.reduce("ReduceMax", heatmap, [1, 2], keepdims=False)
+    peak.name, peak.dtype = MAP_PEAK_OUTPUT, np.float32
+    outputs.append(peak)
+    if request.head is None and image.shape is not None and len(image.shape) > 1:
+        total = b.reduce_sum(image, list(range(1, len(image.shape))), keepdims=False)
+        total.name, total.dtype = INPUT_SUM_OUTPUT, np.float32
+        outputs.append(total)
+        b.graph.nodes.insert(0, b.graph.nodes.pop(b.graph.nodes.index(total.inputs[0])))
     names = {}
     for layer, tensor in zip(request.layers, weights):
         if tensor is not None:

@@ -149,3 +149,37 @@ def test_the_upsampling_matrices_are_cv2_inter_linear(size_out, size_in):
     expected = cv2.resize(m, size_out[::-1], interpolation=cv2.INTER_LINEAR)
     np.testing.assert_allclose(rows @ m @ cols.T, expected, atol=3e-7)
     np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-6)  # weights of each output pixel
+
+
+def test_the_in_graph_run_checks_the_input_and_the_maps_peaks():
+    """Once the maps session exists, explain() leaves the Python pass over the input out: the
+    run's own input sum catches NaN / Inf (the same error, naming the image), a sum that only
+    overflows passes, and the map peaks it returns are the maps' maxima."""
+    import onnx
+
+    from onnxcam.errors import OnnxcamError
+    from onnxcam.explainer import Options
+    from onnxcam.ingraph import INPUT_SUM_OUTPUT, MAP_PEAK_OUTPUT
+
+    explainer = Explainer(conv_classifier(), provider="cpu")
+    x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    first = explainer.explain(x)
+    spec, wanted = explainer.method("gradcam"), explainer.resolve_targets(None, 3)
+    assert explainer._run_checks_input(spec, wanted, Options(False, None, None, 25, 0.15, 50, 0.0, 0))
+    rewritten, session = explainer._sessions[explainer._map_request(spec)]
+    model = onnx.load(str(rewritten.path)) if rewritten.path else rewritten.model
+    first_node = model.graph.node[0]  # read while the input is in the caches for the first layer
+    assert first_node.op_type == "ReduceSum" and first_node.input[0] == rewritten.input
+    outputs = session.run({rewritten.input: x, "onnxcam_seed": np.zeros((3, 5), np.float32)},
+                          [MAP_PEAK_OUTPUT, INPUT_SUM_OUTPUT])
+    np.testing.assert_allclose(outputs[MAP_PEAK_OUTPUT], first.heatmaps.reshape(3, -1).max(axis=1))
+    np.testing.assert_allclose(outputs[INPUT_SUM_OUTPUT], x.reshape(3, -1).sum(axis=1), rtol=1e-5)
+
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = x.copy()
+        broken[1, 2, 3, 4] = bad
+        with pytest.raises(OnnxcamError, match=r"the input holds NaN or Inf \(image 1\)"):
+            explainer.explain(broken)
+    huge = np.full_like(x, 3e38)  # finite, but its sum is not: the exact check lets it through
+    with pytest.warns(Warning):  # what the model makes of it is non-finite: a warning, not the input error
+        assert explainer.explain(huge).heatmaps.shape == (3, 16, 16)
