@@ -36,7 +36,8 @@ import onnx
 from . import dense as dense_outputs, perturbation, pixel
 from .errors import LayerError, ModelError, OnnxcamError, OnnxcamWarning, TargetError, UnsupportedOpError
 from .head import linear_head
-from .ingraph import INPUT_SUM_OUTPUT, MAP_PEAK_OUTPUT, MASK_SOURCE, MapRequest, MaskRequest, in_graph
+from .ingraph import (CHECKS_OUTPUT, INPUT_SUM, LOGITS_SUM, MAP_PEAK, MASK_SOURCE, SEED_USED_OUTPUT, TOP1_OUTPUT,
+                      MapRequest, MaskRequest, in_graph)
 from .images import Preprocess, make_preprocess, preprocess_from_metadata
 from .methods import METHODS, Method, combine_layers, scale_maps, warn_empty_maps
 from .model import Layer, ModelGraph, load_model, pin_input_size
@@ -143,6 +144,17 @@ class Options:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class _MapsRun:
+    """An in-graph maps session as explain() uses it: the outputs it reads (those the
+    session has), and whether the graph makes the per-call checks (CHECKS_OUTPUT)."""
+
+    rewritten: Rewritten
+    session: Session
+    names: list[str]
+    checks: bool
+
+
 class _Lazy:
     """A value computed on first use (the forward run, shared by a method's steps)."""
 
@@ -212,6 +224,8 @@ class Explainer:
         self.batch_size = max(1, int(batch_size))
         self.threads = max(0, int(threads))
         self._sessions: dict[RewriteRequest, tuple[Rewritten, Session]] = {}
+        self._maps_runs: dict[str, _MapsRun] = {}  # by method name: explain()'s in-graph maps
+        self._zero_seed_cache: dict[int, np.ndarray] = {}
         self._frontiers: dict[str, tuple[str, ...] | LayerError] = {}
         self._linear_heads: dict[str, np.ndarray] = {}
         self._not_in_graph: set[RewriteRequest] = set()
@@ -492,11 +506,7 @@ class Explainer:
             self.check_finite(x)
         if aug_smooth and self.dense is not None:
             raise OnnxcamError(f"aug_smooth flips the image but not a {self.dense.kind} target: not for dense outputs")
-        result = self._augmented(x, spec, wanted, options) if aug_smooth else self._explain(x, spec, wanted, options)
-        bad = np.flatnonzero(~result.finite)
-        if len(bad):
-            warnings.warn(nonfinite_message(bad, len(x)), OnnxcamWarning, stacklevel=2)
-        return result
+        return self._augmented(x, spec, wanted, options) if aug_smooth else self._explain(x, spec, wanted, options)
 
     @staticmethod
     def method(name: str) -> Method:
@@ -520,6 +530,8 @@ class Explainer:
         heatmaps = parts.maps.reshape((len(x), count) + parts.maps.shape[1:])
         warn_empty_maps(heatmaps, spec.name, ("the input",) if spec.kind == "pixel" else self._layer_names,
                         parts.activations if spec.kind != "pixel" else None, parts.gradients, peaks=parts.peaks)
+        if not parts.finite:  # not known from the graph's checks: read the logits
+            _warn_nonfinite(parts.logits)
         squeeze = (lambda a: a) if wanted.multi else (lambda a: a[:, 0])
         return Explanation(
             squeeze(heatmaps), parts.logits, squeeze(wanted.classes), parts.layers or self._layer_names, spec.name,
@@ -544,6 +556,7 @@ class Explainer:
                 plain = result
         mean = np.mean(np.stack(maps), axis=0).astype(np.float32)
         warn_empty_maps(mean if plain.multi_target else mean[:, None], spec.name, self._layer_names)
+        _warn_nonfinite(plain.logits)
         return replace(plain, heatmaps=mean, seconds=time.perf_counter() - started)
 
     # -- the kinds ----------------------------------------------------------------------------
@@ -616,24 +629,54 @@ class Explainer:
             return None
         if wanted.seeds is not None and wanted.seeds.shape[1] > 1:
             return self._in_graph_head_parts(spec, wanted, forward)
-        found = self._maps_session(self._map_request(spec))
-        if found is None:
+        run = self._maps_run(spec)
+        if run is None:
             return None
-        rewritten, session = found
-        seeds = np.zeros((len(x), self._classes()), np.float32) if wanted.seeds is None else wanted.seeds[:, 0]
-        names = [rewritten.logits, *rewritten.layers, *rewritten.gradients.values(),
-                 *rewritten.weights.values(), rewritten.heatmap, MAP_PEAK_OUTPUT, INPUT_SUM_OUTPUT]
-        outputs = self.run_model(rewritten, session, {rewritten.input: x, SEED: seeds}, names)
-        sums = outputs.get(INPUT_SUM_OUTPUT)
-        if sums is not None and not np.isfinite(sums).all():
-            self.check_finite(x)  # names the image (a sum that overflowed passes)
+        rewritten, session = run.rewritten, run.session
+        seeds = self._zero_seeds(len(x)) if wanted.seeds is None else wanted.seeds[:, 0]
+        outputs = self.run_model(rewritten, session, {rewritten.input: x, SEED: seeds}, run.names)
         logits = outputs[rewritten.logits]
+        peaks = finite = None
+        if run.checks:  # one small output read as a list: cheaper than numpy calls after a run
+            checks = outputs[CHECKS_OUTPUT].tolist()
+            if not all(math.isfinite(row[INPUT_SUM]) for row in checks):
+                self.check_finite(x)  # names the image (a sum that overflowed passes)
+            finite = all(math.isfinite(row[LOGITS_SUM]) for row in checks) or None
+            peaks = [row[MAP_PEAK] for row in checks]
+            if finite and wanted.seeds is None:  # top-1 as the graph chose it: ArgMax is np.argmax on finite logits
+                wanted = TargetSet(outputs[SEED_USED_OUTPUT][:, None], outputs[TOP1_OUTPUT], multi=False)
         layers = self.targets_layers
         return _Parts(wanted.resolve(logits), logits, session.provider,
                       {l.name: self.to_nchw(l, outputs[l.name]) for l in layers},
                       {l.name: self.to_nchw(l, outputs[rewritten.gradients[l.name]])[:, None] for l in layers},
                       {name: outputs[output][:, None] for name, output in rewritten.weights.items()},
-                      outputs[rewritten.heatmap], peaks=outputs.get(MAP_PEAK_OUTPUT))
+                      outputs[rewritten.heatmap], peaks=peaks, finite=finite)
+
+    def _maps_run(self, spec: Method) -> _MapsRun | None:
+        """The in-graph maps session of ``spec`` and what explain() reads from it, looked up
+        by the method's name (hashing its RewriteRequest is per call); None where the maps
+        cannot be in the graph."""
+        run = self._maps_runs.get(spec.name)
+        if run is None:
+            found = self._maps_session(self._map_request(spec))
+            if found is None:
+                return None
+            rewritten, session = found
+            wanted = [rewritten.logits, *rewritten.layers, *rewritten.gradients.values(),
+                      *rewritten.weights.values(), rewritten.heatmap, CHECKS_OUTPUT, TOP1_OUTPUT, SEED_USED_OUTPUT]
+            names = [n for n in dict.fromkeys(wanted) if n in session.output_names]
+            run = self._maps_runs[spec.name] = _MapsRun(rewritten, session, names, CHECKS_OUTPUT in names)
+        return run
+
+    def _zero_seeds(self, batch: int) -> np.ndarray:
+        """All-zero seeds (top-1, chosen in the graph) for ``batch`` images, made once per
+        batch size (read-only: onnxruntime only reads its inputs)."""
+        seeds = self._zero_seed_cache.get(batch)
+        if seeds is None:
+            seeds = np.zeros((batch, self._classes()), np.float32)
+            seeds.flags.writeable = False
+            self._zero_seed_cache = {batch: seeds}
+        return seeds
 
     def _map_request(self, spec: Method) -> RewriteRequest:
         """The rewrite with ``spec``'s maps in the graph, built once per method (hashing it is
@@ -652,8 +695,8 @@ class Explainer:
             return False
         if wanted.seeds is not None and wanted.seeds.shape[1] > 1:
             return False
-        found = self._sessions.get(self._map_request(spec))
-        return found is not None and INPUT_SUM_OUTPUT in found[1].output_names
+        run = self._maps_runs.get(spec.name)
+        return run is not None and run.checks
 
     def _in_graph_head_parts(self, spec: Method, wanted: TargetSet, forward: _Lazy) -> _Parts | None:
         """Several targets, one layer: the forward model once, then the head cut at the layer
@@ -907,7 +950,16 @@ class _Parts:
     #: what the maps were read from, when not the explainer's layers (attention methods)
     layers: tuple[str, ...] = ()
     #: each map's peak (N*T,) where the graph computed it (warn_empty_maps reads it)
-    peaks: np.ndarray | None = None
+    peaks: Sequence[float] | None = None
+    #: True where the graph's checks found every logit finite (None: not known)
+    finite: bool | None = None
+
+
+def _warn_nonfinite(logits: np.ndarray) -> None:
+    """Warn (at explain()'s caller) about the images whose logits hold NaN or Inf."""
+    bad = np.flatnonzero(~finite_rows(logits))
+    if len(bad):
+        warnings.warn(nonfinite_message(bad, len(logits)), OnnxcamWarning, stacklevel=4)
 
 
 def _merge(array: np.ndarray) -> np.ndarray:

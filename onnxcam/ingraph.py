@@ -46,10 +46,14 @@ H_AXIS = {"NCHW": 2, "NHWC": 1}
 #: Output names of a rewrite with maps.
 HEATMAP_OUTPUT = "onnxcam_heatmap"
 WEIGHTS_PREFIX = "onnxcam_weights/"
-#: Per image: the heatmap's peak (0 for an all-zero map) and the sum of the image input
-#: (finite exactly when every value is, barring an overflow): checks made where the data is.
-MAP_PEAK_OUTPUT = "onnxcam_map_peak"
-INPUT_SUM_OUTPUT = "onnxcam_input_sum"
+#: Per image (N, 3): the sum of the image input, the sum of the logits (each finite exactly
+#: when every value is, barring an overflow) and the heatmap's peak (0 for an all-zero map):
+#: the Explainer's per-call checks, made where the data is (:func:`onnxcam.surgery._emit_checks`).
+CHECKS_OUTPUT = "onnxcam_checks"
+INPUT_SUM, LOGITS_SUM, MAP_PEAK = range(3)
+#: The top-1 class (N, 1) int64 and the seed (N, C) each image was explained for.
+TOP1_OUTPUT = "onnxcam_top1"
+SEED_USED_OUTPUT = "onnxcam_seed_used"
 
 
 def _formulas_fingerprint() -> str:

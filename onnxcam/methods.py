@@ -313,7 +313,7 @@ def combine_layers(per_layer: Sequence[np.ndarray], size: tuple[int, int]) -> np
 
 def warn_empty_maps(maps: np.ndarray, method: str, layers: Sequence[str],
                     activations: dict[str, np.ndarray] | None = None,
-                    gradients: dict[str, np.ndarray] | None = None, peaks: np.ndarray | None = None) -> None:
+                    gradients: dict[str, np.ndarray] | None = None, peaks: Sequence[float] | None = None) -> None:
     """An :class:`~onnxcam.errors.OnnxcamWarning` per all-zero map of a batch (N, T, H, W),
     saying why when it can: the activations (N, K, h, w) are zero, or the gradients
     (N, T, K, h, w) of the target's score are; else no part of the layer speaks for the
@@ -322,7 +322,7 @@ def warn_empty_maps(maps: np.ndarray, method: str, layers: Sequence[str],
     The zero map is right in each case, and the scaling keeps it zero (:func:`scale_maps`);
     the warning says why the overlay shows nothing. ``peaks`` (N*T,), each map's maximum
     where already known, spare the pass over the maps when none is zero."""
-    if peaks is not None and (peaks > 0).all():
+    if peaks is not None and all(peak > 0 for peak in peaks):
         return  # each map's peak, computed where the map was: no pass over the maps here
     flat = maps.reshape(maps.shape[0], maps.shape[1], -1)
     if flat.shape[-1] and (flat.max(axis=-1) > 0).all():

@@ -44,7 +44,7 @@ from .autodiff.rules import VJP, Rule
 from . import large_models
 from .attention import fused_hint
 from .errors import LayerError, ModelError, UnsupportedOpError
-from .ingraph import (HEATMAP_OUTPUT, INPUT_SUM_OUTPUT, MAP_PEAK_OUTPUT, MASK_SOURCE, WEIGHTS_PREFIX, MapRequest,
+from .ingraph import (CHECKS_OUTPUT, HEATMAP_OUTPUT, MASK_SOURCE, SEED_USED_OUTPUT, TOP1_OUTPUT, WEIGHTS_PREFIX, MapRequest,
                       MaskRequest, emit_maps, feed_masked)
 from .model import ModelGraph, first_line, opset_of, with_shapes
 from .validate_model import quantized_ops_hint
@@ -322,7 +322,7 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
     # a class-score vector [N, C]: an all-zero row means top-1; a dense output's seed (the
     # output's shape, onnxcam.dense) is always given, and used as is
     dense = logits.shape is not None and len(logits.shape) != 2
-    seed = seed_in if dense else _default_to_top1(emitter, seed_in, logits)
+    seed, top1 = (seed_in, None) if dense else _default_to_top1(emitter, seed_in, logits)
     # start after the classifier where its VJP can be a row gather (autodiff.classifier)
     classifier = None if dense else find_classifier(logits, wrt)
     start, cotangent = (logits, seed) if classifier is None else (classifier.x, classifier.vjp(emitter, seed))
@@ -347,7 +347,12 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
         outputs.append(grad)
     heatmap, weight_names = None, {}
     if request.maps is not None:
-        heatmap, weight_names = _emit_maps(emitter, request, tensors, grads, _data_input(graph), outputs)
+        image = _data_input(graph)
+        heatmap, weight_names = _emit_maps(emitter, request, tensors, grads, image, outputs)
+        if request.head is None and top1 is not None and image.shape is not None and len(image.shape) > 1:
+            _emit_checks(emitter, logits, heatmap, image, outputs)
+            _emit_top1(top1, seed, outputs)
+        heatmap = heatmap.name
     for tensor in outputs:
         if tensor.dtype is None:
             tensor.dtype = float_dtype
@@ -365,43 +370,66 @@ def _build(graph: gs.Graph, tensors, wrt, request: RewriteRequest, rules, opset:
 
 
 def _emit_maps(b: Emitter, request: RewriteRequest, tensors, grads, image: gs.Tensor,
-               outputs: list) -> tuple[str, dict[str, str]]:
+               outputs: list) -> tuple[gs.Tensor, dict[str, str]]:
     """The method's heatmap and channel weights as outputs (:func:`onnxcam.ingraph.emit_maps`)."""
     heatmap, weights = emit_maps(b, request.maps, [tensors[n] for n in request.layers],
                                  grads[:len(request.layers)], image)
-    heatmap = b.op("Identity", heatmap)
-    heatmap.name, heatmap.dtype = HEATMAP_OUTPUT, np.float32
-    outputs.append(heatmap)
-    # the Explainer's per-call checks, made in the graph: an all-zero map (peak 0), and a
-    # non-finite image (its sum), first in the graph so the input is read while it is in the
-    # caches for the first layer anyway, not in a second pass from Python (~0.2 ms at 224x224)
-    peak = b.reduce("ReduceMax", heatmap, [1, 2], keepdims=False)
-    peak.name, peak.dtype = MAP_PEAK_OUTPUT, np.float32
-    outputs.append(peak)
-    if request.head is None and image.shape is not None and len(image.shape) > 1:
-        total = b.reduce_sum(image, list(range(1, len(image.shape))), keepdims=False)
-        total.name, total.dtype = INPUT_SUM_OUTPUT, np.float32
-        outputs.append(total)
-        b.graph.nodes.insert(0, b.graph.nodes.pop(b.graph.nodes.index(total.inputs[0])))
+    heatmap = _named(b, heatmap, HEATMAP_OUTPUT, outputs)
     names = {}
     for layer, tensor in zip(request.layers, weights):
         if tensor is not None:
-            tensor = b.op("Identity", tensor)
-            tensor.name, tensor.dtype = WEIGHTS_PREFIX + layer, np.float32
-            names[layer] = tensor.name
-            outputs.append(tensor)
-    return heatmap.name, names
+            names[layer] = _named(b, tensor, WEIGHTS_PREFIX + layer, outputs).name
+    return heatmap, names
 
 
-def _default_to_top1(b: Emitter, seed: gs.Tensor, logits: gs.Tensor) -> gs.Tensor:
-    """seed, with all-zero rows replaced by one-hot(argmax(logits)): top-1 in one pass."""
+def _named(b: Emitter, tensor: gs.Tensor, name: str, outputs: list) -> gs.Tensor:
+    """``tensor`` as the graph output ``name``: renamed where it is a tensor onnxcam's
+    emitter made and nothing else names (an Identity would copy it: ~11 us for a 224x224 map
+    on one core), else an Identity of it."""
+    if not (tensor.name.startswith(b.prefix + "/") and tensor.inputs and tensor not in outputs):
+        tensor = b.op("Identity", tensor)
+    tensor.name, tensor.dtype = name, np.float32
+    outputs.append(tensor)
+    return tensor
+
+
+def _emit_checks(b: Emitter, logits: gs.Tensor, heatmap: gs.Tensor, image: gs.Tensor, outputs: list) -> None:
+    """The Explainer's per-call checks, made in the graph (:data:`CHECKS_OUTPUT`): per image
+    the sum of the input (finite exactly when every value is, barring an overflow), the sum
+    of the logits (the same for them) and the heatmap's peak (0 for an all-zero map).
+
+    The input's sum is the graph's first node, so the input is read while it is in the
+    caches for the first layer anyway, not in a second pass from Python (~0.2 ms at 224x224
+    once onnxruntime's run has pushed it out); and one small output read as one list is
+    cheaper after a run than three numpy reductions (each ~20-80 us then)."""
+    total = b.reduce_sum(image, list(range(1, len(image.shape))), keepdims=True)
+    b.graph.nodes.insert(0, b.graph.nodes.pop(b.graph.nodes.index(total.inputs[0])))
+    columns = [b.reshape(total, [-1, 1]), b.reduce_sum(logits, [1], keepdims=True),
+               b.reshape(b.reduce("ReduceMax", heatmap, [1, 2], keepdims=True), [-1, 1])]
+    checks = b.concat(columns, axis=1)
+    checks.name, checks.dtype = CHECKS_OUTPUT, np.float32
+    outputs.append(checks)
+
+
+def _emit_top1(top1: gs.Tensor, seed: gs.Tensor, outputs: list) -> None:
+    """The class (N, 1) and the seed (N, C) each image was explained for: the given seed, or
+    one-hot of the top-1 class where it was all zero (:func:`_default_to_top1`); the
+    Explainer reads them instead of a second argmax and one-hot in Python."""
+    top1.name, top1.dtype = TOP1_OUTPUT, np.int64
+    seed.name, seed.dtype = SEED_USED_OUTPUT, np.float32
+    outputs.extend([top1, seed])
+
+
+def _default_to_top1(b: Emitter, seed: gs.Tensor, logits: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
+    """seed, with all-zero rows replaced by one-hot(argmax(logits)): top-1 in one pass; and
+    the argmax (N, 1)."""
     classes = logits.shape[-1] if logits.shape and isinstance(logits.shape[-1], int) else None
     top = b.op("ArgMax", logits, axis=-1, keepdims=1)
     positions = (b.const(np.arange(classes, dtype=np.int64)) if classes is not None else
                  b.op("Range", b.const(np.int64(0)), b.squeeze(b.shape(logits, start=-1), [0]),
                       b.const(np.int64(1))))
     empty = b.equal(b.reduce("ReduceL1", seed, [-1], keepdims=True), 0.0)
-    return b.where(b.and_(empty, b.equal(positions, top)), 1.0, seed)
+    return b.where(b.and_(empty, b.equal(positions, top)), 1.0, seed), top
 
 
 def _store_metadata(rewritten: Rewritten) -> None:

@@ -154,12 +154,13 @@ def test_the_upsampling_matrices_are_cv2_inter_linear(size_out, size_in):
 def test_the_in_graph_run_checks_the_input_and_the_maps_peaks():
     """Once the maps session exists, explain() leaves the Python pass over the input out: the
     run's own input sum catches NaN / Inf (the same error, naming the image), a sum that only
-    overflows passes, and the map peaks it returns are the maps' maxima."""
+    overflows passes; its logits sums, map peaks, top-1 classes and seeds are numpy's."""
     import onnx
 
     from onnxcam.errors import OnnxcamError
     from onnxcam.explainer import Options
-    from onnxcam.ingraph import INPUT_SUM_OUTPUT, MAP_PEAK_OUTPUT
+    from onnxcam.ingraph import CHECKS_OUTPUT, SEED_USED_OUTPUT, TOP1_OUTPUT
+    from onnxcam.targets import one_hot
 
     explainer = Explainer(conv_classifier(), provider="cpu")
     x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
@@ -171,9 +172,15 @@ def test_the_in_graph_run_checks_the_input_and_the_maps_peaks():
     first_node = model.graph.node[0]  # read while the input is in the caches for the first layer
     assert first_node.op_type == "ReduceSum" and first_node.input[0] == rewritten.input
     outputs = session.run({rewritten.input: x, "onnxcam_seed": np.zeros((3, 5), np.float32)},
-                          [MAP_PEAK_OUTPUT, INPUT_SUM_OUTPUT])
-    np.testing.assert_allclose(outputs[MAP_PEAK_OUTPUT], first.heatmaps.reshape(3, -1).max(axis=1))
-    np.testing.assert_allclose(outputs[INPUT_SUM_OUTPUT], x.reshape(3, -1).sum(axis=1), rtol=1e-5)
+                          [CHECKS_OUTPUT, TOP1_OUTPUT, SEED_USED_OUTPUT, rewritten.logits])
+    checks, logits = outputs[CHECKS_OUTPUT], outputs[rewritten.logits]
+    np.testing.assert_allclose(checks[:, 0], x.reshape(3, -1).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(checks[:, 1], logits.sum(axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(checks[:, 2], first.heatmaps.reshape(3, -1).max(axis=1))
+    np.testing.assert_array_equal(outputs[TOP1_OUTPUT], np.argmax(logits, axis=1)[:, None])
+    np.testing.assert_array_equal(outputs[SEED_USED_OUTPUT], one_hot(np.argmax(logits, axis=1), 5))
+    np.testing.assert_array_equal(first.targets, np.argmax(logits, axis=1))
+    np.testing.assert_array_equal(first.seeds, one_hot(np.argmax(logits, axis=1)[:, None], 5))
 
     for bad in (np.nan, np.inf, -np.inf):
         broken = x.copy()

@@ -107,6 +107,10 @@ def test_non_finite_logits_are_reported_per_image_and_json_stays_valid(tmp_path)
     with pytest.warns(OnnxcamWarning, match=r"image\(s\) 0 of this batch of 2:"):
         result = explainer.explain(x)
     assert result.finite.tolist() == [False, True]
+    with pytest.warns(OnnxcamWarning, match=r"image\(s\) 0 of this batch of 2:"):
+        again = explainer.explain(x)  # the maps session now checks in the graph: the same warning
+    np.testing.assert_array_equal(again.targets, np.argmax(again.logits, axis=1))  # numpy's, not the graph's
+    np.testing.assert_array_equal(again.heatmaps, result.heatmaps)
 
 
 def test_results_json_never_holds_nan():
