@@ -144,6 +144,9 @@ class Options:
     seed: int = 0
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 @dataclass(frozen=True)
 class _MapsRun:
     """An in-graph maps session as explain() uses it: the outputs it reads (those the
@@ -359,7 +362,7 @@ class Explainer:
         static = self._static_batch
         step = (batch_size or self.batch_size) if rewritten.batch_dynamic else static
         total = len(next(iter(feeds.values())))
-        wanted = [n for n in dict.fromkeys(wanted) if n in session.output_names]
+        wanted = [n for n in dict.fromkeys(wanted) if n in session.output_set]
         if total <= step and (rewritten.batch_dynamic or total == step):
             outputs = session.run(feeds, wanted)  # one run: its outputs as they come, no concatenation copy
             check_batch(outputs, total, self.source)
@@ -412,6 +415,12 @@ class Explainer:
         return tuple(self.graph.dims(self.graph.input.name) or ())
 
     @functools.cached_property
+    def _input_item(self) -> tuple[int, ...] | None:
+        """One image's dims when all are fixed (the shape check_input's quick path accepts)."""
+        item = self._input_dims[1:]
+        return item if len(item) == 3 and all(isinstance(d, int) for d in item) else None
+
+    @functools.cached_property
     def _static_batch(self) -> int:
         """The export's fixed batch (1 when dynamic), read once: run_model is per call."""
         return self.graph.static_batch() or 1
@@ -428,6 +437,11 @@ class Explainer:
     def check_input(self, x: np.ndarray, finite: bool = True) -> np.ndarray:
         """``x`` as a contiguous float32 batch, or a clear error: dims, an empty batch, the dtype,
         the model's fixed sizes, and (``finite``) NaN or Inf values (:meth:`check_finite`)."""
+        if type(x) is np.ndarray and x.shape[1:] == self._input_item and x.dtype == _FLOAT32 and len(x) \
+                and x.flags.c_contiguous:  # the usual batch, checked in one line (explain() is per call)
+            if finite:
+                self.check_finite(x)
+            return x
         x = np.asarray(x)
         if x.ndim == 3:
             x = x[None]
@@ -526,15 +540,18 @@ class Explainer:
                 "pixel": self._pixel_parts, "attention": self._attention_parts}[spec.kind]
         parts = step(x, spec, wanted, options, forward)
         wanted = parts.targets
-        count = wanted.seeds.shape[1]
-        heatmaps = parts.maps.reshape((len(x), count) + parts.maps.shape[1:])
-        warn_empty_maps(heatmaps, spec.name, ("the input",) if spec.kind == "pixel" else self._layer_names,
-                        parts.activations if spec.kind != "pixel" else None, parts.gradients, peaks=parts.peaks)
+        # (N, T, H, W) with several targets, else the maps (N, H, W) as they are
+        heatmaps = parts.maps.reshape((len(x), wanted.seeds.shape[1]) + parts.maps.shape[1:]) if wanted.multi \
+            else parts.maps
+        if parts.peaks is None or not all(peak > 0 for peak in parts.peaks):  # peaks: the graph's, per map
+            warn_empty_maps(heatmaps if wanted.multi else heatmaps[:, None], spec.name, ("the input",) if spec.kind == "pixel" else self._layer_names,
+                            parts.activations if spec.kind != "pixel" else None, parts.gradients)
         if not parts.finite:  # not known from the graph's checks: read the logits
             _warn_nonfinite(parts.logits)
         squeeze = (lambda a: a) if wanted.multi else (lambda a: a[:, 0])
         return Explanation(
-            squeeze(heatmaps), parts.logits, squeeze(wanted.classes), parts.layers or self._layer_names, spec.name,
+            heatmaps, parts.logits, squeeze(wanted.classes),
+            parts.layers or self._layer_names, spec.name,
             parts.provider, time.perf_counter() - started, parts.activations,
             {k: squeeze(v) for k, v in parts.gradients.items()},
             {k: squeeze(v) for k, v in parts.weights.items()}, wanted.seeds)

@@ -292,6 +292,7 @@ class Session:
         self.provider = {v: k for k, v in _NAMES.items()}.get(used, used)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_set = frozenset(self.output_names)
 
     def _from(self) -> str:
         return f" ({self.source}; 'onnxcam cache clear' removes it)" if self.source else ""

@@ -155,12 +155,18 @@ def test_check_runs_the_file_writes_overlays_and_agrees_with_the_explainer(tmp_p
 
 def test_check_fails_a_file_whose_heatmap_was_tampered_with(tmp_path):
     model = export_explained(str(DEMO))
-    # the file's map is now transposed (the weighted channel sum writes (w, h)): a wrong map of
-    # the same (square) shape, same classes
-    for node in model.graph.node:
-        if node.op_type == "Einsum" and node.name.startswith("onnxcam_export"):
-            equation = next(a for a in node.attribute if a.name == "equation")
-            equation.s = equation.s.replace(b"->nhw", b"->nwh")
+    # the file's map is now transposed (the weighted channel sum, (N, 1, K) @ (N, K, h*w)
+    # reshaped to (N, h, w), is read as (N, w, h)): a wrong map of the same (square) shape,
+    # same classes
+    producer = {out: node for node in model.graph.node for out in node.output}
+    for index, node in enumerate(model.graph.node):
+        source = producer.get(node.input[0]) if node.input else None
+        if (node.op_type == "Reshape" and node.name.startswith("onnxcam_export") and source is not None
+                and source.op_type == "MatMul" and producer[source.input[0]].op_type == "Unsqueeze"):
+            summed = node.output[0]
+            node.output[0] = summed + "_as_computed"
+            model.graph.node.insert(index + 1, onnx.helper.make_node("Transpose", [summed + "_as_computed"],
+                                                                     [summed], perm=[0, 2, 1]))
             break
     else:
         pytest.fail("no channel sum in the exported map to tamper with")

@@ -217,4 +217,13 @@ class Emitter:
         return self.op("Gemm", a, b, transA=trans_a, transB=trans_b, alpha=float(alpha))
 
     def einsum(self, equation: str, *operands) -> Tensor:
+        """One Einsum; the channel-weighted sum ``nk,nkhw->nhw`` of a map with static (h, w)
+        as (N, 1, K) @ (N, K, h*w): onnxruntime's Einsum takes ~1.5x the MatMul's time for
+        it (MobileNetV2's 1280 x 7 x 7 on one core)."""
+        if equation == "nk,nkhw->nhw" and len(operands) == 2:
+            weights, maps = operands
+            dims = list(getattr(maps, "shape", None) or [])
+            if len(dims) == 4 and all(isinstance(d, (int, np.integer)) and d > 0 for d in dims[2:]):
+                flat = self.matmul(self.unsqueeze(weights, [1]), self.reshape(maps, [0, 0, -1]))
+                return self.reshape(flat, [0, int(dims[2]), int(dims[3])])
         return self.op("Einsum", *operands, equation=equation)
