@@ -190,3 +190,30 @@ def test_the_in_graph_run_checks_the_input_and_the_maps_peaks():
     huge = np.full_like(x, 3e38)  # finite, but its sum is not: the exact check lets it through
     with pytest.warns(Warning):  # what the model makes of it is non-finite: a warning, not the input error
         assert explainer.explain(huge).heatmaps.shape == (3, 16, 16)
+
+
+def test_the_graphs_top1_is_numpys_argmax_ties_included():
+    """The targets explain() takes from the graph (ArgMax, its one-hot seed) are numpy's: two
+    classes share the highest logit (rows 1 and 3 of the classifier equal), the first wins;
+    the maps equal those of the class given by hand."""
+    from onnx import numpy_helper
+
+    model = conv_classifier()
+    weights = {t.name: t for t in model.graph.initializer}
+    for name in ("fc_w", "fc_b"):
+        value = numpy_helper.to_array(weights[name]).copy()
+        value[3] = value[1]
+        value[1] += 100.0 if name == "fc_b" else 0.0  # class 1 (and its twin 3) always on top
+        value[3] = value[1]
+        weights[name].CopyFrom(numpy_helper.from_array(value, name))
+    explainer = Explainer(model, provider="cpu")
+    x = np.random.default_rng(1).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    explainer.explain(x)  # builds the maps session
+    result = explainer.explain(x)
+    assert explainer._maps_runs["gradcam"].checks  # the graph's targets were read
+    assert result.logits[:, 1].tolist() == result.logits[:, 3].tolist()
+    np.testing.assert_array_equal(result.targets, [1, 1])
+    np.testing.assert_array_equal(result.targets, np.argmax(result.logits, axis=1))
+    np.testing.assert_array_equal(result.seeds[:, 0].argmax(axis=1), [1, 1])
+    assert result.seeds.sum() == 2.0
+    np.testing.assert_array_equal(result.heatmaps, explainer.explain(x, targets=1).heatmaps)
