@@ -6,8 +6,11 @@ whole life. Each actor decodes, explains and writes its batch to the output fold
 a local run does (same names, same files) and returns the records; the driver appends them to
 ``results.jsonl``, so resume and ``--overwrite`` work as locally.
 
-What is per worker and what is per image: the model is read once by the driver and shipped
-through Ray's object store; the rewrite (surgery + autodiff) is done once by the driver's
+What is per worker and what is per image: actors on a node that sees the driver's model file
+unchanged (the same machine, or a shared file system) read it there, like a local run, its
+weights left in the file (:mod:`onnxcam.large_models`); elsewhere the driver's bytes come
+through Ray's object store and are written to a file of the actor's own first, so no actor
+holds the model in memory. The rewrite (surgery + autodiff) is done once by the driver's
 check and read back from the rewrite cache by every actor on the same machine (on other
 machines, the first actor of each node builds it, the others find it in that node's cache);
 the session is built once per actor. Per image there is only decoding, the model run and the
@@ -20,10 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +42,45 @@ from .runner import Item, Journal, Settings, Summary, Worker, explain_folder, re
 
 
 @dataclass(frozen=True)
+class _ModelFile:
+    """Where an actor finds the model: the driver's file where the actor's node has it
+    unchanged (same size and modification time), else ``data``, the file's bytes in Ray's
+    object store (None when every actor is on the driver's machine, or for a model with
+    external data, whose files must then be readable from every node)."""
+
+    path: str
+    stamp: tuple[int, int]
+    data: Any = None
+
+    def here(self) -> tuple[str, str | None]:
+        """The model file to open on this node, and the temporary folder holding it when it
+        was written here from the object store (the caller removes it)."""
+        try:
+            stat = os.stat(self.path)
+            if (stat.st_size, stat.st_mtime_ns) == self.stamp:
+                return self.path, None
+        except OSError:
+            pass
+        if self.data is None:
+            raise OnnxcamError(f"the model {self.path} is not readable (or not the driver's file) on this Ray "
+                               "node: put it on a file system every node shares")
+        import ray
+        folder = tempfile.mkdtemp(prefix="onnxcam-ray-model-")
+        path = os.path.join(folder, os.path.basename(self.path))
+        try:
+            with open(path, "wb") as stream:
+                stream.write(ray.get(self.data))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return path, folder
+
+
+@dataclass(frozen=True)
 class _Blueprint:
     """Everything an actor needs to rebuild the driver's worker (picklable)."""
 
-    model: Any  # an ObjectRef to the model file's bytes, or its path (external data)
+    model: _ModelFile
     layers: tuple[str, ...]
     output: str | None
     provider: str
@@ -51,14 +92,13 @@ class _Blueprint:
     outdir: str
 
     def worker(self) -> Worker:
-        import ray
-        model = self.model
-        if not isinstance(model, str):
-            import onnx
-            model = onnx.load_model_from_string(ray.get(model))
-        explainer = Explainer(model, layer=list(self.layers), provider=self.provider, output=self.output,
+        path, folder = self.model.here()
+        explainer = Explainer(path, layer=list(self.layers), provider=self.provider, output=self.output,
                               batch_size=self.batch_size, input_size=self.input_size, threads=self.threads)
-        return Worker(explainer, self.preprocess, self.settings, self.outdir)
+        worker = Worker(explainer, self.preprocess, self.settings, self.outdir)
+        if folder is not None:  # the actor's copy goes with it (a mapped file outlives its name)
+            weakref.finalize(worker, shutil.rmtree, folder, True)
+        return worker
 
 
 class _Actor:
@@ -74,19 +114,29 @@ class _Actor:
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
-def _model_for_actors(source: str) -> Any:
-    """The model file's bytes in the object store, or its path when it keeps its weights in
-    external data files (then it must be readable from every node)."""
+def _model_for_actors(source: str) -> _ModelFile:
+    """The model file for the actors (:class:`_ModelFile`): its bytes go to the object store
+    unless the cluster is this machine alone or the weights are in external data files."""
     import onnx
     import ray
     from onnx.external_data_helper import uses_external_data
-    path = Path(source)
+    path = Path(source).absolute()
     if not path.is_file():
         raise OnnxcamError("Ray runs need the model as a file (Explainer given a ModelProto)")
+    stat = path.stat()
+    model = _ModelFile(str(path), (stat.st_size, stat.st_mtime_ns))
     skeleton = onnx.load(str(path), load_external_data=False)
-    if any(uses_external_data(t) for t in skeleton.graph.initializer):
-        return str(path.absolute())
-    return ray.put(path.read_bytes())
+    if any(uses_external_data(t) for t in skeleton.graph.initializer) or _only_this_machine():
+        return model
+    return replace(model, data=ray.put(path.read_bytes()))
+
+
+def _only_this_machine() -> bool:
+    """Whether the cluster's one node is this machine (a local cluster): its actors read the
+    model file itself."""
+    import ray
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
 
 
 def connect(address: str | None) -> None:

@@ -75,3 +75,53 @@ def test_cli_ray_option_writes_the_same_layout(cluster, tmp_path):
     assert result.exit_code == 0, result.output
     assert "explained 3 of 3 images" in result.output
     assert sorted(_files(tmp_path / "out")) == ["a/x.gradcam.png", "b/x.gradcam.png", "x-2.gradcam.png"]
+
+
+def test_actors_read_the_model_file_or_write_the_shipped_bytes_to_their_own(cluster, tmp_path):
+    """On the driver's machine an actor opens the driver's model file (no bytes shipped); on a
+    node without it (here: a file changed since, so its stamp differs) it writes the bytes from
+    the object store to a file of its own, removed with the worker. Either way the weights
+    stay in the file (nothing like the model held in memory per actor) and the maps are the
+    driver's."""
+    import gc
+    import os
+
+    from onnxcam import large_models
+    from onnxcam.distributed import _Blueprint, _model_for_actors, _ModelFile
+    from onnxcam.errors import OnnxcamError
+    from onnxcam.explainer import Explainer
+    from onnxcam.runner import Settings
+
+    model = tmp_path / "tiny.onnx"
+    onnx.save(conv_classifier(size=16), model)
+    x = np.random.default_rng(0).uniform(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    expected = Explainer(model, provider="cpu").explain(x)
+
+    shipped = _model_for_actors(str(model))
+    assert shipped.data is None and shipped.path == str(model.absolute())  # a one-node local cluster
+
+    def worker(source: _ModelFile):
+        return _Blueprint(source, ("features",), None, "cpu", None, 4, 1, Explainer(model).preprocess(),
+                          Settings("gradcam", None, {}, None, False), str(tmp_path / "out")).worker()
+
+    def weights_at(explainer: Explainer) -> set:
+        return {str(large_models.in_file(t)[0]) for t in explainer.graph.model.graph.initializer
+                if large_models.tensor_bytes(t) >= large_models.DETACH_MIN_BYTES}
+
+    local = worker(shipped)
+    assert weights_at(local.explainer) == {str(model.resolve())}
+    np.testing.assert_array_equal(local.explainer.explain(x).heatmaps, expected.heatmaps)
+
+    elsewhere = _ModelFile(shipped.path, (shipped.stamp[0], shipped.stamp[1] + 1), ray.put(model.read_bytes()))
+    remote = worker(elsewhere)
+    copy = Path(remote.explainer.source)
+    assert copy != model and copy.read_bytes() == model.read_bytes() and copy.name == model.name
+    assert weights_at(remote.explainer) == {str(copy.resolve())}
+    np.testing.assert_array_equal(remote.explainer.explain(x).heatmaps, expected.heatmaps)
+    del remote
+    gc.collect()
+    assert not copy.parent.exists()  # the actor's copy went with its worker
+
+    with pytest.raises(OnnxcamError, match="not readable .* on this Ray node: put it on a file system"):
+        _ModelFile(str(tmp_path / "elsewhere.onnx"), (1, 1)).here()
+    assert not os.path.exists(tmp_path / "elsewhere.onnx")
