@@ -158,6 +158,15 @@ class _MapsRun:
     checks: bool
 
 
+_DEFAULT_OPTIONS = Options()
+#: explain()'s options but the baseline, as Options' defaults
+_DEFAULT_GIVEN = (_DEFAULT_OPTIONS.eigen_smooth, _DEFAULT_OPTIONS.batch_size, _DEFAULT_OPTIONS.max_channels,
+                  _DEFAULT_OPTIONS.samples, _DEFAULT_OPTIONS.noise, _DEFAULT_OPTIONS.steps, _DEFAULT_OPTIONS.seed)
+#: Explainer's method that computes the parts of each kind of method
+_STEPS = {"gradient": "_gradient_parts", "activation": "_activation_parts", "graph": "_graph_parts",
+          "perturbation": "_perturbation_parts", "pixel": "_pixel_parts", "attention": "_attention_parts"}
+
+
 class _Lazy:
     """A value computed on first use (the forward run, shared by a method's steps)."""
 
@@ -513,8 +522,12 @@ class Explainer:
         """
         spec = self.method(method)
         x = self.check_input(x, finite=False)
-        options = Options(eigen_smooth, batch_size, max_channels, samples, noise, steps, baseline, seed)
-        _check_options(spec, options)
+        given = (eigen_smooth, batch_size, max_channels, samples, noise, steps, seed)
+        if given == _DEFAULT_GIVEN and type(baseline) is float and baseline == 0.0:
+            options = _DEFAULT_OPTIONS  # the usual call: nothing to check (explain() is per call)
+        else:
+            options = Options(eigen_smooth, batch_size, max_channels, samples, noise, steps, baseline, seed)
+            _check_options(spec, options)
         wanted = self.resolve_targets(targets, len(x), topk)
         if aug_smooth or not self._run_checks_input(spec, wanted, options):
             self.check_finite(x)
@@ -535,10 +548,7 @@ class Explainer:
             spec.kind in ("gradient", "attention") or spec.name in ("saliency", "guided-backprop", "guided-gradcam"))
         if wanted.seeds is None and not in_graph_top1:
             wanted = wanted.resolve(forward()[self.logits_name])
-        step = {"gradient": self._gradient_parts, "activation": self._activation_parts,
-                "graph": self._graph_parts, "perturbation": self._perturbation_parts,
-                "pixel": self._pixel_parts, "attention": self._attention_parts}[spec.kind]
-        parts = step(x, spec, wanted, options, forward)
+        parts = getattr(self, _STEPS[spec.kind])(x, spec, wanted, options, forward)
         wanted = parts.targets
         # (N, T, H, W) with several targets, else the maps (N, H, W) as they are
         heatmaps = parts.maps.reshape((len(x), wanted.seeds.shape[1]) + parts.maps.shape[1:]) if wanted.multi \

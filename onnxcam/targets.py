@@ -18,7 +18,7 @@ from .errors import TargetError
 Targets = int | Sequence[int] | Sequence[Sequence[int]] | np.ndarray | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TargetSet:
     """Targets as seed vectors (N, T, C) and classes (N, T) (-1 for a seed vector);
     ``seeds`` None until the logits pick the top ``topk`` (1 for the default), or until
@@ -39,6 +39,10 @@ class TargetSet:
         classes = (np.argmax(logits, axis=1)[:, None] if self.topk == 1  # the first maximum, as argsort's
                    else np.argsort(-logits, axis=1, kind="stable")[:, :self.topk])
         return TargetSet(one_hot(classes, logits.shape[1]), classes, self.multi, self.topk)
+
+
+#: Each image's top-1 class, picked once the logits are known (the default target).
+TOP1 = TargetSet(None, None, multi=False)
 
 
 def one_hot(classes: np.ndarray, count: int) -> np.ndarray:
@@ -62,7 +66,7 @@ def resolve_targets(targets: Targets, batch: int, classes: int, topk: int | None
             raise TargetError(f"topk must be between 1 and {classes}, got {topk}")
         return TargetSet(None, None, multi=True, topk=int(topk))
     if targets is None:
-        return TargetSet(None, None, multi=False)
+        return TOP1
     try:
         values = np.asarray(targets)
     except ValueError:
