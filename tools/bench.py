@@ -195,6 +195,13 @@ def main() -> None:
         if args.device == "cuda":
             parser.error("--clock cpu measures CPU work; use the wall clock with --device cuda")
         args.threads, args.timer = 1, time.thread_time
+    if args.device == "cuda":  # say so in one line now, not after minutes of CPU rows
+        try:
+            onnxcam.runtime.resolve_provider("cuda")
+            if not vs.torch.cuda.is_available():
+                raise onnxcam.OnnxcamError("torch sees no CUDA device (a CPU-only torch build?)")
+        except onnxcam.OnnxcamError as exc:
+            parser.exit(2, f"bench.py: --device cuda: {exc}\n")
     if args.quick:
         args.models = args.pgc_models = args.scorecam_models = args.memory_models = ["mobilenet_v2"]
         args.repeats, args.pgc_repeats, args.scorecam_repeats = 5, 3, 1
