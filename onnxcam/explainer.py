@@ -554,7 +554,8 @@ class Explainer:
         heatmaps = parts.maps.reshape((len(x), wanted.seeds.shape[1]) + parts.maps.shape[1:]) if wanted.multi \
             else parts.maps
         if parts.peaks is None or not all(peak > 0 for peak in parts.peaks):  # peaks: the graph's, per map
-            warn_empty_maps(heatmaps if wanted.multi else heatmaps[:, None], spec.name, ("the input",) if spec.kind == "pixel" else self._layer_names,
+            warn_empty_maps(heatmaps if wanted.multi else heatmaps[:, None], spec.name,
+                            ("the input",) if spec.kind == "pixel" else self._layer_names,
                             parts.activations if spec.kind != "pixel" else None, parts.gradients)
         if not parts.finite:  # not known from the graph's checks: read the logits
             _warn_nonfinite(parts.logits)
@@ -702,7 +703,7 @@ class Explainer:
         if seeds is None:
             seeds = np.zeros((batch, self._classes()), np.float32)
             seeds.flags.writeable = False
-            self._zero_seed_cache = {batch: seeds}
+            self._zero_seed_cache = {batch: seeds}  # the last size only: a run's last batch is smaller
         return seeds
 
     def _map_request(self, spec: Method) -> RewriteRequest:
@@ -976,7 +977,7 @@ class _Parts:
     maps: np.ndarray | None = None
     #: what the maps were read from, when not the explainer's layers (attention methods)
     layers: tuple[str, ...] = ()
-    #: each map's peak (N*T,) where the graph computed it (warn_empty_maps reads it)
+    #: each map's peak (N*T,) where the graph computed it (no pass over the maps when all > 0)
     peaks: Sequence[float] | None = None
     #: True where the graph's checks found every logit finite (None: not known)
     finite: bool | None = None

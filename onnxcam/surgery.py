@@ -44,8 +44,8 @@ from .autodiff.rules import VJP, Rule
 from . import large_models
 from .attention import fused_hint
 from .errors import LayerError, ModelError, UnsupportedOpError
-from .ingraph import (CHECKS_OUTPUT, HEATMAP_OUTPUT, MASK_SOURCE, SEED_USED_OUTPUT, TOP1_OUTPUT, WEIGHTS_PREFIX, MapRequest,
-                      MaskRequest, emit_maps, feed_masked)
+from .ingraph import (CHECKS_OUTPUT, HEATMAP_OUTPUT, MASK_SOURCE, SEED_USED_OUTPUT, TOP1_OUTPUT, WEIGHTS_PREFIX,
+                      MapRequest, MaskRequest, emit_maps, feed_masked)
 from .model import ModelGraph, first_line, opset_of, with_shapes
 from .validate_model import quantized_ops_hint
 
