@@ -154,7 +154,7 @@ class _MapsRun:
 
     rewritten: Rewritten
     session: Session
-    names: list[str]
+    names: tuple[str, ...]
     checks: bool
 
 
@@ -371,10 +371,12 @@ class Explainer:
         static = self._static_batch
         step = (batch_size or self.batch_size) if rewritten.batch_dynamic else static
         total = len(next(iter(feeds.values())))
-        wanted = [n for n in dict.fromkeys(wanted) if n in session.output_set]
+        wanted = session.present(wanted)
         if total <= step and (rewritten.batch_dynamic or total == step):
             outputs = session.run(feeds, wanted)  # one run: its outputs as they come, no concatenation copy
-            check_batch(outputs, total, self.source)
+            if (wanted, total) not in session.batches_checked:  # the same shapes for the same run
+                check_batch(outputs, total, self.source)
+                session.batches_checked.add((wanted, total))
             return outputs
         chunks = []
         for start in range(0, total, step):
@@ -692,7 +694,7 @@ class Explainer:
             rewritten, session = found
             wanted = [rewritten.logits, *rewritten.layers, *rewritten.gradients.values(),
                       *rewritten.weights.values(), rewritten.heatmap, CHECKS_OUTPUT, TOP1_OUTPUT, SEED_USED_OUTPUT]
-            names = [n for n in dict.fromkeys(wanted) if n in session.output_names]
+            names = session.present(wanted)
             run = self._maps_runs[spec.name] = _MapsRun(rewritten, session, names, CHECKS_OUTPUT in names)
         return run
 

@@ -36,6 +36,7 @@ import tempfile
 import warnings
 import weakref
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -292,12 +293,24 @@ class Session:
         self.provider = {v: k for k, v in _NAMES.items()}.get(used, used)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.output_set = frozenset(self.output_names)
+        self._outputs = frozenset(self.output_names)
+        self._present: dict[tuple[str, ...], tuple[str, ...]] = {}
+        #: (outputs, batch) runs whose outputs were found to keep the batch axis (check_batch)
+        self.batches_checked: set[tuple[tuple[str, ...], int]] = set()
+
+    def present(self, names: Sequence[str]) -> tuple[str, ...]:
+        """``names`` once each, in order, without those the model does not output; remembered
+        per list (the Explainer asks on every call)."""
+        key = tuple(names)
+        found = self._present.get(key)
+        if found is None:
+            found = self._present[key] = tuple(n for n in dict.fromkeys(key) if n in self._outputs)
+        return found
 
     def _from(self) -> str:
         return f" ({self.source}; 'onnxcam cache clear' removes it)" if self.source else ""
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run and return the requested outputs by name; errors come back as one line."""
         names = outputs or self.output_names
         try:
