@@ -17,6 +17,12 @@ load and session per actor). Ray Data hands results back in blocks, so per-recor
 do not measure the rate; two sizes do.
 
     python tools/bench_ray.py [--count 64] [--workers 2] [--batch-size 8]
+
+``--actor-memory MODEL...``: instead, the peak RSS (``VmHWM``) of what one actor builds, in
+fresh processes, the rewrite cache warm: the Explainer on the driver's file (an actor on the
+driver's machine or a shared file system), on a copy of the object store's bytes in a file of
+its own (another node), and, for comparison, on a ModelProto parsed from those bytes (what
+every actor built before 27b5d71); each explains one image.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +57,49 @@ def local(model: str, folder: Path, out: Path, batch: int, threads: int) -> None
     assert summary.explained and not summary.failed
 
 
+#: One actor's Explainer, built the way argv[1] says from the model argv[2]; prints VmHWM (KiB).
+ACTOR_PROBE = r"""
+import os, sys, tempfile
+import numpy as np
+import onnx
+sys.path.insert(0, sys.argv[3])
+from onnxcam import Explainer
+kind, path = sys.argv[1], sys.argv[2]
+if kind == "ModelProto from the bytes":
+    data = open(path, "rb").read()
+    model = onnx.load_model_from_string(data)
+    del data
+elif kind == "own copy of the bytes":
+    data = open(path, "rb").read()
+    model = os.path.join(tempfile.mkdtemp(prefix="onnxcam-bench-"), os.path.basename(path))
+    with open(model, "wb") as stream:
+        stream.write(data)
+    del data
+else:
+    model = path
+explainer = Explainer(model, provider="cpu", threads=1)
+h, w = explainer.input_size or (224, 224)
+shape = (1, 3, h, w) if explainer.input_layout == "NCHW" else (1, h, w, 3)
+explainer.explain(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
+print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
+"""
+ACTOR_KINDS = ("the driver's file", "own copy of the bytes", "ModelProto from the bytes")
+
+
+def actor_memory(models: list[str]) -> None:
+    print(f"{'model':<28} {'MiB':>5}   " + "   ".join(f"{kind:>26}" for kind in ACTOR_KINDS))
+    for model in models:
+        def peak(kind: str) -> float:
+            done = subprocess.run([sys.executable, "-c", ACTOR_PROBE, kind, model, str(REPO)],
+                                  capture_output=True, text=True, check=True)
+            return int(done.stdout.split()[-1]) / 1024
+        peak(ACTOR_KINDS[0])  # the rewrite cache warm, as for every actor after the driver's check
+        peaks = {kind: peak(kind) for kind in ACTOR_KINDS}
+        base = peaks[ACTOR_KINDS[-1]]
+        print(f"{Path(model).name:<28} {os.path.getsize(model) / 2**20:5.0f}   " + "   ".join(
+            f"{mib:14.0f} MiB ({mib / base:4.2f}x)" for mib in peaks.values()))
+
+
 def timed(call) -> float:
     started = time.perf_counter()
     call()
@@ -62,7 +112,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--actor-memory", nargs="+", metavar="MODEL", help="peak RSS of one actor's Explainer")
     args = parser.parse_args()
+    if args.actor_memory:
+        return actor_memory(args.actor_memory)
     import ray
     sizes = (args.count // 4, args.count)
     with tempfile.TemporaryDirectory() as temporary:
