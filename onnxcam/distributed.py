@@ -184,7 +184,7 @@ def run_ray(worker: Worker, items: Sequence[Item], journal: Journal, batch_size:
     blocks = min(-(-len(rows) // batch_size), 10_000)  # about a batch per block: every actor gets work
     dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         _Actor, fn_constructor_args=(blueprint,), batch_size=batch_size, batch_format="numpy",
-        concurrency=workers, num_cpus=1, num_gpus=gpus or None,
+        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus or None,
         max_restarts=0)  # a lost actor fails the run (its images are redone by the next one)
     given = {item.key: item.path for item in items}  # records name files as the user gave them
     started = time.perf_counter()
