@@ -217,3 +217,61 @@ def test_the_graphs_top1_is_numpys_argmax_ties_included():
     np.testing.assert_array_equal(result.seeds[:, 0].argmax(axis=1), [1, 1])
     assert result.seeds.sum() == 2.0
     np.testing.assert_array_equal(result.heatmaps, explainer.explain(x, targets=1).heatmaps)
+
+
+def _identical(ours, theirs) -> None:
+    """Every field of two Explanations equal, to the bit, shapes and dtypes included."""
+    for field in ("heatmaps", "logits", "targets", "seeds"):
+        a, b = getattr(ours, field), getattr(theirs, field)
+        assert a.shape == b.shape and a.dtype == b.dtype, field
+        np.testing.assert_array_equal(a, b, err_msg=field)
+    assert (ours.layers, ours.method, ours.provider) == (theirs.layers, theirs.method, theirs.provider)
+    for field in ("activations", "gradients", "weights"):
+        a, b = getattr(ours, field), getattr(theirs, field)
+        assert a.keys() == b.keys(), field
+        for name in b:
+            assert a[name].shape == b[name].shape, (field, name)
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{field} {name}")
+
+
+@pytest.mark.parametrize("method", IN_GRAPH)
+@pytest.mark.parametrize("factory,layer", [(conv_classifier, None), (nhwc_classifier, "act_nhwc"),
+                                           (conv_classifier, ["r1", "features"])])
+def test_the_usual_call_is_assembled_as_the_general_path_would(factory, layer, method, monkeypatch):
+    """explain(x) with the defaults, once the maps session exists, builds its Explanation
+    straight from the run's outputs (Explainer._explain_top1); the general path (taken here
+    with a non-default option no gradient method reads) gives the same, field by field."""
+    explainer = Explainer(factory(), layer=layer, provider="cpu")
+    x = _inputs(explainer, 3)
+    general = explainer.explain(x, method)  # builds the session (the general path)
+    assert explainer._maps_runs[method].checks
+    again = explainer.explain(x, method, samples=24)  # the same session, the general assembly
+    with monkeypatch.context() as patch:
+        patch.setattr(explainer, "_explain", lambda *a, **k: pytest.fail("the usual call took the general path"))
+        usual = explainer.explain(x, method)
+    _identical(usual, general)
+    _identical(usual, again)
+    if method != "counterfactual":  # its top-1 maps are empty on these inputs: the next test's case
+        assert usual.heatmaps.max() > 0.5
+
+
+def test_the_usual_call_hands_empty_maps_to_the_general_assembly():
+    """Maps the graph finds all zero (peak 0; the counterfactual of the top class here): the
+    usual call warns as the general path does, with the same Explanation, from one run."""
+    from onnxcam.errors import OnnxcamWarning
+
+    explainer = Explainer(conv_classifier(), provider="cpu")
+    x = _inputs(explainer, 2)
+    with pytest.warns(OnnxcamWarning):
+        explainer.explain(x, "counterfactual")  # builds the session
+    runs = []
+    original = explainer.run_model
+    explainer.run_model = lambda *a, **k: runs.append(1) or original(*a, **k)
+    with pytest.warns(OnnxcamWarning, match="counterfactual map of image 0 is all zero") as caught:
+        usual = explainer.explain(x, "counterfactual")
+    assert len(runs) == 1
+    with pytest.warns(OnnxcamWarning) as again:
+        general = explainer.explain(x, "counterfactual", samples=24)
+    assert [str(w.message) for w in caught] == [str(w.message) for w in again]
+    _identical(usual, general)
+    assert usual.heatmaps[0].max() == 0
